@@ -1,0 +1,97 @@
+"""``convert(src, dst)``: PyTorch safetensors -> one orbax checkpoint per component, a config and a manifest.
+
+The output is written to a hidden sibling folder and renamed into place at the end, so a failed or interrupted
+run leaves nothing at ``dst``; an existing ``dst`` is kept unless ``force``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from convert import layouts, rules
+from convert.errors import ConversionError
+from svd_jax import checkpoint
+from svd_jax.components import abstract_model
+
+CONVERTER_VERSION = "1"
+MANIFEST = "manifest.json"
+CONFIG = "config.json"
+
+
+def _prepare(sources: list[layouts.ComponentSource]) -> list[tuple[layouts.ComponentSource, dict]]:
+    """Check every component's keys and shapes before any tensor is read or anything is written."""
+    seen = Counter(s.component for s in sources)
+    if doubled := [c for c, n in seen.items() if n > 1]:
+        raise ConversionError(f"the source holds more than one {', '.join(doubled)}")
+    planned = []
+    for source in sources:
+        expected = rules.expected_keys(abstract_model(source.component, source.config))
+        shapes = {key: ref.shape for key, ref in source.tensors.items()}
+        source.ignored = sorted(set(source.ignored) | set(rules.plan(source.component, expected, shapes)))
+        planned.append((source, expected))
+    return planned
+
+
+def _write_component(folder: Path, source: layouts.ComponentSource, expected: dict) -> dict:
+    folder.mkdir()
+    params = rules.fill(expected, lambda key: source.tensors[key].read())
+    checkpoint.save_params(folder, params)
+    source.config.save(folder / CONFIG)
+    return {
+        "layout": source.layout,
+        "config": source.config.to_dict(),
+        "num_params": int(sum(a.size for a in params.values())),
+        "dtypes": dict(Counter(np.dtype(a.dtype).name for a in params.values())),
+        "ignored_source_keys": source.ignored,
+    }
+
+
+def _replace(tmp: Path, dst: Path, force: bool) -> None:
+    if dst.exists():
+        if not force:
+            raise ConversionError(f"{dst} already exists (pass --force to replace it)")
+        old = dst.parent / f".{dst.name}.old-{os.getpid()}"
+        dst.rename(old)
+        tmp.rename(dst)
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    else:
+        tmp.rename(dst)
+
+
+def convert(src, dst, config_dir=None, force: bool = False, hash_sources: bool = True) -> dict:
+    """Convert ``src`` (see :mod:`convert.layouts`) into the folder ``dst``; returns the manifest."""
+    src, dst = Path(src), Path(dst)
+    if dst.exists() and not force:
+        raise ConversionError(f"{dst} already exists (pass --force to replace it)")
+    if not dst.parent.is_dir():
+        raise ConversionError(f"{dst.parent}: the destination's parent folder does not exist")
+    planned = _prepare(layouts.detect(src, Path(config_dir) if config_dir else None))
+    files = {f.path: f for source, _ in planned for f in source.files}
+    manifest = {
+        "format": "svd_jax",
+        "converter_version": CONVERTER_VERSION,
+        "source": {
+            "path": str(src),
+            "files": [{"name": path.name, "bytes": path.stat().st_size,
+                       "sha256": f.sha256() if hash_sources else None} for path, f in files.items()],
+        },
+        "components": {},
+    }
+    tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        for source, expected in planned:
+            manifest["components"][source.component] = _write_component(tmp / source.component, source, expected)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        _replace(tmp, dst, force)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest

@@ -1,0 +1,9 @@
+"""Placeholder: the original single file's unet keys are not mapped yet."""
+
+from convert.errors import ConversionError
+
+PREFIXES = ()
+
+
+def present(keys):
+    return False

@@ -1,0 +1,60 @@
+"""The one place attention math and kernel choice live.
+
+Models call :func:`attention` with ``[batch, tokens, heads, head_dim]`` tensors and the policy's ``impl``;
+nothing else in the project picks a kernel.
+
+* ``"xla"``: plain einsum attention with the softmax in float32 (exact for parity; fine for short sequences).
+* ``"cudnn"``: cuDNN flash attention through :func:`jax.nn.dot_product_attention` (GPU, fp16/bf16 only);
+  it never materialises the ``tokens x tokens`` matrix, which XLA's plain path needs ~119 GB for at 9216 tokens.
+* ``"auto"``: cuDNN on GPU for half-precision inputs with long sequences, XLA otherwise (CPU, TPU, fp32,
+  the 14-25-token temporal attention).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+# Below this many key tokens the plain path is as fast and its memory is small.
+CUDNN_MIN_TOKENS = 256
+_HALF = (jnp.dtype("bfloat16"), jnp.dtype("float16"))
+
+
+@functools.lru_cache(maxsize=None)
+def _default_backend() -> str:
+    return jax.default_backend()
+
+
+def choose_impl(impl: str, dtype, kv_tokens: int, head_dim: int) -> str:
+    """Resolve ``"auto"`` to a concrete kernel for these shapes; validate explicit choices."""
+    if impl == "xla":
+        return "xla"
+    usable = _default_backend() == "gpu" and jnp.dtype(dtype) in _HALF and head_dim <= 128 and head_dim % 8 == 0
+    if impl == "cudnn":
+        if not usable:
+            raise ValueError(
+                "attention impl 'cudnn' needs a GPU backend, float16/bfloat16 inputs and head_dim <= 128 "
+                f"divisible by 8 (backend {_default_backend()}, dtype {jnp.dtype(dtype).name}, head_dim {head_dim})"
+            )
+        return "cudnn"
+    if impl != "auto":
+        raise ValueError(f"unknown attention impl {impl!r}; expected auto, xla or cudnn")
+    return "cudnn" if usable and kv_tokens >= CUDNN_MIN_TOKENS else "xla"
+
+
+def attention(q, k, v, *, impl: str = "auto", precision=None):
+    """Softmax attention of ``q [B, Lq, H, D]`` over ``k, v [B, Lk, H, D]`` with scale ``1/sqrt(D)``.
+
+    Returns ``[B, Lq, H, D]`` in ``q``'s dtype.
+    """
+    if q.ndim != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
+        raise ValueError(f"attention expects q [B,Lq,H,D] and k, v [B,Lk,H,D]; got {q.shape}, {k.shape}, {v.shape}")
+    kernel = choose_impl(impl, q.dtype, k.shape[1], q.shape[-1])
+    if kernel == "cudnn":
+        return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+    scale = q.shape[-1] ** -0.5
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=precision, preferred_element_type=jnp.float32)
+    weights = jax.nn.softmax(logits * scale, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", weights, v, precision=precision)

@@ -1,0 +1,99 @@
+"""Orbax save/restore of converted weights.
+
+Weights are stored as a nested dict keyed by the module's attribute path (``vision_model.encoder.layers.0...``),
+in the dtype they had in the source checkpoint. Restoring builds the model abstractly (``nnx.eval_shape``) and
+lets orbax cast each array to the policy's ``param_dtype`` and place it with the requested sharding.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from svd_jax.policy import Policy
+
+PARAMS_DIR = "params"
+
+
+def path_key(path: tuple) -> str:
+    """``('encoder', 'layers', 0, 'kernel')`` -> ``'encoder.layers.0.kernel'``."""
+    return ".".join(str(p) for p in path)
+
+
+def _nest(flat: dict[str, object]) -> dict:
+    nested: dict = {}
+    for key, value in flat.items():
+        node = nested
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return nested
+
+
+def _flatten(nested: dict, prefix: str = "") -> dict[str, object]:
+    flat = {}
+    for key, value in nested.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def param_shapes(model) -> dict[str, jax.ShapeDtypeStruct]:
+    """Every parameter of an (abstract or concrete) module, by dotted path."""
+    _, state = nnx.split(model, nnx.Param)
+    return {path_key(path): jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype) for path, v in nnx.to_flat_state(state)}
+
+
+def save_params(directory: Path, params: dict[str, np.ndarray]) -> None:
+    """Write ``{dotted.path: array}`` as an orbax checkpoint under ``directory/params``."""
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(Path(directory).absolute() / PARAMS_DIR, _nest(params))
+    checkpointer.wait_until_finished()
+
+
+def stored_params(directory: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """``{dotted.path: (shape, dtype name)}`` of a saved checkpoint, read from its metadata only."""
+    meta = ocp.StandardCheckpointer().metadata(Path(directory).absolute() / PARAMS_DIR)
+    tree = getattr(meta, "item_metadata", meta)
+    tree = getattr(tree, "tree", tree)
+    return {k: (tuple(v.shape), np.dtype(v.dtype).name) for k, v in _flatten(dict(tree)).items()}
+
+
+Sharder = Callable[[str, tuple[int, ...]], jax.sharding.Sharding]
+
+
+def restore_model(abstract_model, directory: Path, policy: Policy, sharding: Sharder | None = None):
+    """Restore ``directory/params`` into ``abstract_model`` (from ``nnx.eval_shape``), cast to the policy's
+    ``param_dtype``; ``sharding(path, shape)`` places each array (default: the first local device)."""
+    directory = Path(directory)
+    graphdef, params, rest = nnx.split(abstract_model, nnx.Param, ...)
+    expected = {path_key(path): v for path, v in nnx.to_flat_state(params)}
+    stored = stored_params(directory)
+    missing, unexpected = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint {directory} does not match the model: missing {missing[:5]} ({len(missing)}), "
+            f"unexpected {unexpected[:5]} ({len(unexpected)})"
+        )
+    for key, var in expected.items():
+        if stored[key][0] != tuple(var.get_value().shape):
+            raise ValueError(f"checkpoint {directory}: {key} has shape {stored[key][0]}, model needs {var.get_value().shape}")
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = {
+        key: jax.ShapeDtypeStruct(var.get_value().shape, policy.param,
+                                  sharding=sharding(key, var.get_value().shape) if sharding else device)
+        for key, var in expected.items()
+    }
+    restored = _flatten(ocp.StandardCheckpointer().restore(directory.absolute() / PARAMS_DIR, _nest(target)))
+    for path, var in nnx.to_flat_state(params):
+        var.set_value(restored[path_key(path)])
+    return nnx.merge(graphdef, params, rest)

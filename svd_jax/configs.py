@@ -1,0 +1,290 @@
+"""Architecture configurations: one frozen dataclass per model, with presets and readers for upstream configs.
+
+These describe *what* a model is (sizes, layer counts, norm epsilons). *How* it runs (dtypes, attention kernel)
+lives in :mod:`svd_jax.policy`. Every field that changes numerics (norm epsilons, activation) is data here, taken
+from the source checkpoint's own convention, never a library default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, ClassVar
+
+
+def _as_tuple(value, length: int, name: str) -> tuple:
+    """Upstream configs give either one value for every block or one per block."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != length:
+            raise ValueError(f"config field {name!r} has {len(value)} entries, expected {length}")
+        return tuple(value)
+    return (value,) * length
+
+
+class _ConfigIO:
+    """Round trip through plain JSON dicts with a ``kind`` tag, so a converted folder says what it holds."""
+
+    kind: ClassVar[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"kind": self.kind}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        data = dict(data)
+        kind = data.pop("kind", cls.kind)
+        if kind != cls.kind:
+            raise ValueError(f"config is for {kind!r}, not {cls.kind!r}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown {cls.kind} config fields: {', '.join(unknown)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPVisionConfig(_ConfigIO):
+    """``CLIPVisionModelWithProjection``; the SVD image encoder is OpenCLIP ViT-H/14."""
+
+    kind: ClassVar[str] = "clip_vision"
+
+    hidden_size: int = 1280
+    intermediate_size: int = 5120
+    projection_dim: int = 1024
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 16
+    num_channels: int = 3
+    image_size: int = 224
+    patch_size: int = 14
+    layer_norm_eps: float = 1e-5
+    hidden_act: str = "gelu"
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}"
+            )
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}")
+        if self.hidden_act not in ("gelu", "quick_gelu", "gelu_new"):
+            raise ValueError(f"unsupported hidden_act {self.hidden_act!r}")
+
+    @property
+    def num_positions(self) -> int:
+        return (self.image_size // self.patch_size) ** 2 + 1
+
+    @classmethod
+    def vit_h_14(cls) -> "CLIPVisionConfig":
+        return cls()
+
+    @classmethod
+    def tiny(cls) -> "CLIPVisionConfig":
+        return cls(hidden_size=32, intermediate_size=37, projection_dim=24, num_hidden_layers=2,
+                   num_attention_heads=4, image_size=224, patch_size=32)
+
+    @classmethod
+    def from_transformers_config(cls, config: dict[str, Any]) -> "CLIPVisionConfig":
+        """Read a transformers ``CLIPVisionConfig`` dict (the ``image_encoder/config.json`` of a diffusers repo)."""
+        if "vision_config" in config:  # a full CLIPConfig
+            config = {**config["vision_config"], "projection_dim": config.get("projection_dim", 512)}
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in config.items() if k in names})
+
+
+# GroupNorm epsilons of the UNet's resnets, per block. diffusers hard-codes 1e-6 in the cross-attention down
+# blocks and in every up block (``get_up_block`` never forwards ``resnet_eps``) and uses 1e-5 in the plain down
+# block and the mid block; the original (sgm) code uses 1e-5 everywhere. See the reference, section 4.3.
+_DIFFUSERS_DOWN_EPS = {"CrossAttnDownBlockSpatioTemporal": 1e-6, "DownBlockSpatioTemporal": 1e-5}
+_DIFFUSERS_UP_EPS = {"CrossAttnUpBlockSpatioTemporal": 1e-6, "UpBlockSpatioTemporal": 1e-6}
+ORIGINAL_RESNET_EPS = 1e-5
+
+
+@dataclasses.dataclass(frozen=True)
+class UNetConfig(_ConfigIO):
+    """``UNetSpatioTemporalConditionModel``. Presets: :meth:`svd` (14 frames), :meth:`svd_xt` (25 frames)."""
+
+    kind: ClassVar[str] = "unet_spatio_temporal"
+
+    in_channels: int = 8
+    out_channels: int = 4
+    down_block_types: tuple[str, ...] = ("CrossAttnDownBlockSpatioTemporal",) * 3 + ("DownBlockSpatioTemporal",)
+    up_block_types: tuple[str, ...] = ("UpBlockSpatioTemporal",) + ("CrossAttnUpBlockSpatioTemporal",) * 3
+    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
+    addition_time_embed_dim: int = 256
+    projection_class_embeddings_input_dim: int = 768
+    layers_per_block: tuple[int, ...] = (2, 2, 2, 2)
+    cross_attention_dim: tuple[int, ...] = (1024, 1024, 1024, 1024)
+    transformer_layers_per_block: tuple[int, ...] = (1, 1, 1, 1)
+    num_attention_heads: tuple[int, ...] = (5, 10, 20, 20)
+    num_frames: int = 25
+    sample_size: int | None = 96
+    norm_num_groups: int = 32
+    # resnet GroupNorm eps per down block, for the mid block, per up block; transformer GN eps; out GN eps.
+    down_resnet_eps: tuple[float, ...] = (1e-6, 1e-6, 1e-6, 1e-5)
+    mid_resnet_eps: float = 1e-5
+    up_resnet_eps: tuple[float, ...] = (1e-6, 1e-6, 1e-6, 1e-6)
+    transformer_norm_eps: float = 1e-6
+    out_norm_eps: float = 1e-5
+    layer_norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        n = len(self.block_out_channels)
+        for name in ("down_block_types", "up_block_types", "layers_per_block", "cross_attention_dim",
+                     "transformer_layers_per_block", "num_attention_heads", "down_resnet_eps", "up_resnet_eps"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(f"UNet config field {name!r} needs {n} entries (one per block)")
+        for ch in self.block_out_channels:
+            if ch % self.norm_num_groups:
+                raise ValueError(f"block channels {ch} not divisible by norm_num_groups {self.norm_num_groups}")
+
+    @classmethod
+    def svd(cls) -> "UNetConfig":
+        return cls(num_frames=14)
+
+    @classmethod
+    def svd_xt(cls) -> "UNetConfig":
+        return cls(num_frames=25)
+
+    @classmethod
+    def tiny(cls) -> "UNetConfig":
+        """The shape of diffusers' own test UNet: two levels, 32/64 channels."""
+        return cls.from_diffusers_config({
+            "block_out_channels": [32, 64], "layers_per_block": 2, "cross_attention_dim": 32,
+            "num_attention_heads": [4, 8], "addition_time_embed_dim": 32,
+            "projection_class_embeddings_input_dim": 96, "num_frames": 2, "sample_size": 8,
+            "down_block_types": ["CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"],
+            "up_block_types": ["UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"],
+        })
+
+    def with_original_norm_eps(self) -> "UNetConfig":
+        """The original (sgm) checkpoint's numerics: every resnet GroupNorm uses eps 1e-5."""
+        n = len(self.block_out_channels)
+        return dataclasses.replace(self, down_resnet_eps=(ORIGINAL_RESNET_EPS,) * n, mid_resnet_eps=ORIGINAL_RESNET_EPS,
+                                   up_resnet_eps=(ORIGINAL_RESNET_EPS,) * n)
+
+    @classmethod
+    def from_diffusers_config(cls, config: dict[str, Any]) -> "UNetConfig":
+        """Read a diffusers ``unet/config.json``; norm epsilons follow diffusers' numerics."""
+        defaults = cls()
+        down = tuple(config.get("down_block_types", defaults.down_block_types))
+        up = tuple(config.get("up_block_types", defaults.up_block_types))
+        n = len(config.get("block_out_channels", defaults.block_out_channels))
+        for name, table in (("down_block_types", _DIFFUSERS_DOWN_EPS), ("up_block_types", _DIFFUSERS_UP_EPS)):
+            unknown = [b for b in (down if name.startswith("down") else up) if b not in table]
+            if unknown:
+                raise ValueError(f"unsupported UNet {name}: {', '.join(unknown)}")
+        per_block = {}
+        for name in ("layers_per_block", "cross_attention_dim", "transformer_layers_per_block", "num_attention_heads"):
+            value = config.get(name, getattr(defaults, name))
+            if name == "transformer_layers_per_block" and isinstance(value, (list, tuple)):
+                if any(isinstance(v, (list, tuple)) for v in value):
+                    raise ValueError("per-layer transformer_layers_per_block (nested lists) is not supported")
+            per_block[name] = _as_tuple(value, n, name)
+        return cls(
+            in_channels=config.get("in_channels", defaults.in_channels),
+            out_channels=config.get("out_channels", defaults.out_channels),
+            down_block_types=down,
+            up_block_types=up,
+            block_out_channels=tuple(config.get("block_out_channels", defaults.block_out_channels)),
+            addition_time_embed_dim=config.get("addition_time_embed_dim", defaults.addition_time_embed_dim),
+            projection_class_embeddings_input_dim=config.get(
+                "projection_class_embeddings_input_dim", defaults.projection_class_embeddings_input_dim),
+            num_frames=config.get("num_frames", defaults.num_frames),
+            sample_size=config.get("sample_size", defaults.sample_size),
+            down_resnet_eps=tuple(_DIFFUSERS_DOWN_EPS[b] for b in down),
+            mid_resnet_eps=1e-5,
+            up_resnet_eps=tuple(_DIFFUSERS_UP_EPS[b] for b in up),
+            **per_block,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class VAEConfig(_ConfigIO):
+    """``AutoencoderKLTemporalDecoder`` (``decoder="temporal"``) or the per-frame ``AutoencoderKL``
+    image decoder of the ``*_image_decoder`` checkpoints (``decoder="image"``)."""
+
+    kind: ClassVar[str] = "vae"
+
+    decoder: str = "temporal"
+    in_channels: int = 3
+    out_channels: int = 3
+    block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
+    layers_per_block: int = 2
+    latent_channels: int = 4
+    norm_num_groups: int = 32
+    scaling_factor: float = 0.18215
+    force_upcast: bool = True
+    sample_size: int = 768
+    norm_eps: float = 1e-6
+    temporal_norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        if self.decoder not in ("temporal", "image"):
+            raise ValueError(f"VAE decoder must be 'temporal' or 'image', not {self.decoder!r}")
+        for ch in self.block_out_channels:
+            if ch % self.norm_num_groups:
+                raise ValueError(f"VAE channels {ch} not divisible by norm_num_groups {self.norm_num_groups}")
+
+    @classmethod
+    def svd(cls) -> "VAEConfig":
+        return cls()
+
+    @classmethod
+    def svd_image_decoder(cls) -> "VAEConfig":
+        return cls(decoder="image")
+
+    @classmethod
+    def tiny(cls, decoder: str = "temporal") -> "VAEConfig":
+        return cls(decoder=decoder, block_out_channels=(32, 64), layers_per_block=1, sample_size=32)
+
+    @classmethod
+    def from_diffusers_config(cls, config: dict[str, Any]) -> "VAEConfig":
+        """Read a diffusers ``vae/config.json`` of ``AutoencoderKLTemporalDecoder`` or ``AutoencoderKL``."""
+        class_name = config.get("_class_name", "AutoencoderKLTemporalDecoder")
+        if class_name not in ("AutoencoderKLTemporalDecoder", "AutoencoderKL"):
+            raise ValueError(f"unsupported VAE class {class_name!r}")
+        decoder = "temporal" if class_name == "AutoencoderKLTemporalDecoder" else "image"
+        block_types = config.get("down_block_types", ["DownEncoderBlock2D"] * len(config.get("block_out_channels", [])))
+        if any(b != "DownEncoderBlock2D" for b in block_types):
+            raise ValueError(f"unsupported VAE down_block_types {block_types}")
+        if decoder == "image":
+            if any(b != "UpDecoderBlock2D" for b in config.get("up_block_types", [])):
+                raise ValueError(f"unsupported VAE up_block_types {config['up_block_types']}")
+            if config.get("act_fn", "silu") != "silu":
+                raise ValueError(f"unsupported VAE act_fn {config['act_fn']!r}")
+            if not config.get("use_quant_conv", True) or not config.get("use_post_quant_conv", True):
+                raise ValueError("VAE without quant_conv/post_quant_conv is not supported")
+            if not config.get("mid_block_add_attention", True):
+                raise ValueError("VAE without mid-block attention is not supported")
+        defaults = cls()
+        return cls(
+            decoder=decoder,
+            in_channels=config.get("in_channels", defaults.in_channels),
+            out_channels=config.get("out_channels", defaults.out_channels),
+            block_out_channels=tuple(config.get("block_out_channels", defaults.block_out_channels)),
+            layers_per_block=config.get("layers_per_block", defaults.layers_per_block),
+            latent_channels=config.get("latent_channels", defaults.latent_channels),
+            norm_num_groups=config.get("norm_num_groups", defaults.norm_num_groups),
+            scaling_factor=config.get("scaling_factor", defaults.scaling_factor),
+            force_upcast=config.get("force_upcast", defaults.force_upcast),
+            sample_size=config.get("sample_size", defaults.sample_size),
+        )
+
+
+CONFIG_KINDS = {cls.kind: cls for cls in (CLIPVisionConfig, UNetConfig, VAEConfig)}
+
+
+def config_from_dict(data: dict[str, Any]):
+    """The config dataclass a converted folder's ``config.json`` describes."""
+    kind = data.get("kind")
+    if kind not in CONFIG_KINDS:
+        raise ValueError(f"unknown config kind {kind!r}; expected one of {sorted(CONFIG_KINDS)}")
+    return CONFIG_KINDS[kind].from_dict(data)

@@ -1,0 +1,272 @@
+"""Shared Flax NNX building blocks, channels-last.
+
+Attribute names mirror the PyTorch (diffusers) modules, so that ``path.to.module.weight`` in a checkpoint is
+``path.to.module.kernel`` here and conversion needs only per-module-type rules (``convert/rules.py``).
+Images are ``[N, H, W, C]``; videos ``[B, F, H, W, C]``. Spatial layers see ``[B*F, H, W, C]``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from svd_jax.attention import attention
+from svd_jax.policy import Policy
+
+
+def dense(in_features: int, out_features: int, policy: Policy, rngs: nnx.Rngs, use_bias: bool = True) -> nnx.Linear:
+    return nnx.Linear(in_features, out_features, use_bias=use_bias, dtype=policy.compute,
+                      param_dtype=policy.param, precision=policy.lax_precision, rngs=rngs)
+
+
+def conv(in_features: int, out_features: int, kernel_size, policy: Policy, rngs: nnx.Rngs, *, strides=1,
+         padding="SAME", use_bias: bool = True) -> nnx.Conv:
+    """A convolution whose kernel is stored like PyTorch's weight, transposed to ``[*K, I, O]``."""
+    if isinstance(kernel_size, int):
+        kernel_size = (kernel_size, kernel_size)
+    return nnx.Conv(in_features, out_features, kernel_size=tuple(kernel_size), strides=strides, padding=padding,
+                    use_bias=use_bias, dtype=policy.compute, param_dtype=policy.param,
+                    precision=policy.lax_precision, rngs=rngs)
+
+
+def temporal_conv(in_features: int, out_features: int, policy: Policy, rngs: nnx.Rngs) -> nnx.Conv:
+    """PyTorch ``Conv3d`` with kernel (3, 1, 1) and padding (1, 0, 0) on ``[B, F, H, W, C]``: a convolution
+    over frames with one zero frame of padding at each end."""
+    return conv(in_features, out_features, (3, 1, 1), policy, rngs, padding=((1, 1), (0, 0), (0, 0)))
+
+
+class Identity(nnx.Module):
+    """Placeholder for parameter-free PyTorch modules (dropout at p=0) that keep list indices aligned."""
+
+    def __call__(self, x):
+        return x
+
+
+class GroupNorm(nnx.Module):
+    """GroupNorm with float32 statistics over every axis but the first (batch) and the channel groups.
+
+    Feed ``[B*F, H, W, C]`` for per-frame statistics and ``[B, F, H, W, C]`` for statistics across frames
+    (the temporal blocks). ``eps`` is always explicit: the checkpoint's value, never a library default.
+    """
+
+    def __init__(self, num_channels: int, num_groups: int, eps: float, policy: Policy, rngs: nnx.Rngs):
+        if num_channels % num_groups:
+            raise ValueError(f"GroupNorm: {num_channels} channels not divisible into {num_groups} groups")
+        self.num_groups = num_groups
+        self.eps = eps
+        self.dtype = policy.compute
+        self.scale = nnx.Param(jnp.ones((num_channels,), policy.param))
+        self.bias = nnx.Param(jnp.zeros((num_channels,), policy.param))
+
+    def __call__(self, x):
+        shape = x.shape
+        x32 = x.astype(jnp.float32).reshape(shape[0], -1, self.num_groups, shape[-1] // self.num_groups)
+        mean = jnp.mean(x32, axis=(1, 3), keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=(1, 3), keepdims=True)
+        y = ((x32 - mean) * jax.lax.rsqrt(var + self.eps)).reshape(shape)
+        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm over the last axis with float32 statistics and an explicit eps."""
+
+    def __init__(self, dim: int, eps: float, policy: Policy, rngs: nnx.Rngs):
+        self.eps = eps
+        self.dtype = policy.compute
+        self.scale = nnx.Param(jnp.ones((dim,), policy.param))
+        self.bias = nnx.Param(jnp.zeros((dim,), policy.param))
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+def gelu_exact(x):
+    """PyTorch's default ``nn.GELU`` (erf form); ``jax.nn.gelu`` defaults to the tanh approximation."""
+    return jax.nn.gelu(x, approximate=False)
+
+
+def sinusoidal_embedding(timesteps, dim: int, max_period: float = 10000.0):
+    """``[cos | sin]`` embedding of ``timesteps [N]`` -> ``[N, dim]`` float32, frequencies
+    ``exp(-ln(max_period) * i / (dim // 2))`` (diffusers ``Timesteps(flip_sin_to_cos=True,
+    downscale_freq_shift=0)``; sgm ``timestep_embedding``)."""
+    half = dim // 2
+    exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half
+    args = jnp.asarray(timesteps, jnp.float32)[:, None] * jnp.exp(exponent)[None, :]
+    emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+    if dim % 2:
+        emb = jnp.pad(emb, ((0, 0), (0, 1)))
+    return emb
+
+
+class TimestepEmbedding(nnx.Module):
+    """``linear_1 -> SiLU -> linear_2`` (diffusers ``TimestepEmbedding``)."""
+
+    def __init__(self, in_channels: int, time_embed_dim: int, policy: Policy, rngs: nnx.Rngs):
+        self.linear_1 = dense(in_channels, time_embed_dim, policy, rngs)
+        self.linear_2 = dense(time_embed_dim, time_embed_dim, policy, rngs)
+
+    def __call__(self, x):
+        return self.linear_2(jax.nn.silu(self.linear_1(x)))
+
+
+class GEGLU(nnx.Module):
+    """``proj`` to ``2 * dim_out``: the first half is the value, the second the gate; value * gelu(gate)."""
+
+    def __init__(self, dim_in: int, dim_out: int, policy: Policy, rngs: nnx.Rngs):
+        self.proj = dense(dim_in, 2 * dim_out, policy, rngs)
+
+    def __call__(self, x):
+        value, gate = jnp.split(self.proj(x), 2, axis=-1)
+        return value * gelu_exact(gate)
+
+
+class FeedForward(nnx.Module):
+    """diffusers ``FeedForward(dim, activation_fn="geglu")``: ``net.0`` GEGLU, ``net.1`` dropout, ``net.2`` Linear."""
+
+    def __init__(self, dim: int, policy: Policy, rngs: nnx.Rngs, dim_out: int | None = None, mult: int = 4):
+        inner = dim * mult
+        self.net = nnx.List([GEGLU(dim, inner, policy, rngs), Identity(), dense(inner, dim_out or dim, policy, rngs)])
+
+    def __call__(self, x):
+        for layer in self.net:
+            x = layer(x)
+        return x
+
+
+class Attention(nnx.Module):
+    """diffusers ``Attention`` for tokens ``[N, L, C]``: ``to_q/to_k/to_v`` and ``to_out.0``, scale 1/sqrt(head_dim)."""
+
+    def __init__(self, query_dim: int, heads: int, dim_head: int, policy: Policy, rngs: nnx.Rngs, *,
+                 cross_attention_dim: int | None = None, bias: bool = False, out_bias: bool = True):
+        inner = heads * dim_head
+        self.heads = heads
+        self.impl = policy.attention_impl
+        self.precision = policy.lax_precision
+        self.to_q = dense(query_dim, inner, policy, rngs, use_bias=bias)
+        self.to_k = dense(cross_attention_dim or query_dim, inner, policy, rngs, use_bias=bias)
+        self.to_v = dense(cross_attention_dim or query_dim, inner, policy, rngs, use_bias=bias)
+        self.to_out = nnx.List([dense(inner, query_dim, policy, rngs, use_bias=out_bias), Identity()])
+
+    def __call__(self, x, context=None):
+        context = x if context is None else context
+        n, lq, _ = x.shape
+        lk = context.shape[1]
+        q = self.to_q(x).reshape(n, lq, self.heads, -1)
+        k = self.to_k(context).reshape(n, lk, self.heads, -1)
+        v = self.to_v(context).reshape(n, lk, self.heads, -1)
+        out = attention(q, k, v, impl=self.impl, precision=self.precision).reshape(n, lq, -1)
+        for layer in self.to_out:
+            out = layer(out)
+        return out
+
+
+class ResnetBlock2D(nnx.Module):
+    """diffusers ``ResnetBlock2D`` as SVD uses it: GN-SiLU-conv, + Linear(SiLU(temb)), GN-SiLU-conv, shortcut."""
+
+    def __init__(self, in_channels: int, out_channels: int, temb_channels: int | None, eps: float, policy: Policy,
+                 rngs: nnx.Rngs, groups: int = 32):
+        self.norm1 = GroupNorm(in_channels, groups, eps, policy, rngs)
+        self.conv1 = conv(in_channels, out_channels, 3, policy, rngs)
+        self.time_emb_proj = dense(temb_channels, out_channels, policy, rngs) if temb_channels else None
+        self.norm2 = GroupNorm(out_channels, groups, eps, policy, rngs)
+        self.conv2 = conv(out_channels, out_channels, 3, policy, rngs)
+        self.conv_shortcut = conv(in_channels, out_channels, 1, policy, rngs) if in_channels != out_channels else None
+
+    def __call__(self, x, temb=None):
+        """``x [N, H, W, C]``, ``temb [N, T]`` or None."""
+        h = self.conv1(jax.nn.silu(self.norm1(x)))
+        if self.time_emb_proj is not None:
+            h = h + self.time_emb_proj(jax.nn.silu(temb))[:, None, None, :]
+        h = self.conv2(jax.nn.silu(self.norm2(h)))
+        if self.conv_shortcut is not None:
+            x = self.conv_shortcut(x)
+        return x + h
+
+
+class TemporalResnetBlock(nnx.Module):
+    """diffusers ``TemporalResnetBlock`` on ``[B, F, H, W, C]``: GroupNorm over all frames, convs across frames."""
+
+    def __init__(self, channels: int, temb_channels: int | None, eps: float, policy: Policy, rngs: nnx.Rngs,
+                 groups: int = 32):
+        self.norm1 = GroupNorm(channels, groups, eps, policy, rngs)
+        self.conv1 = temporal_conv(channels, channels, policy, rngs)
+        self.time_emb_proj = dense(temb_channels, channels, policy, rngs) if temb_channels else None
+        self.norm2 = GroupNorm(channels, groups, eps, policy, rngs)
+        self.conv2 = temporal_conv(channels, channels, policy, rngs)
+
+    def __call__(self, x, temb=None):
+        """``x [B, F, H, W, C]``, ``temb [B, F, T]`` or None."""
+        h = self.conv1(jax.nn.silu(self.norm1(x)))
+        if self.time_emb_proj is not None:
+            h = h + self.time_emb_proj(jax.nn.silu(temb))[:, :, None, None, :]
+        h = self.conv2(jax.nn.silu(self.norm2(h)))
+        return x + h
+
+
+class AlphaBlender(nnx.Module):
+    """Learned blend of a spatial and a temporal branch, ``mix_factor`` a scalar of shape [1].
+
+    ``temporal_gets_alpha=False`` (UNet, ``learned_with_images``): out = a*spatial + (1-a)*temporal, a = sigmoid(m).
+    ``temporal_gets_alpha=True`` (VAE decoder, diffusers ``switch_spatial_to_temporal_mix``): the sides swap.
+    At inference ``image_only_indicator`` is all zeros, so a = sigmoid(m) for every frame.
+    """
+
+    def __init__(self, policy: Policy, rngs: nnx.Rngs, *, temporal_gets_alpha: bool = False, alpha: float = 0.5):
+        self.temporal_gets_alpha = temporal_gets_alpha
+        self.mix_factor = nnx.Param(jnp.full((1,), alpha, policy.param))
+
+    def __call__(self, x_spatial, x_temporal):
+        alpha = jax.nn.sigmoid(self.mix_factor[...].astype(jnp.float32)).astype(x_spatial.dtype)
+        if self.temporal_gets_alpha:
+            alpha = 1.0 - alpha
+        return alpha * x_spatial + (1.0 - alpha) * x_temporal
+
+
+class SpatioTemporalResBlock(nnx.Module):
+    """diffusers ``SpatioTemporalResBlock``: a per-frame ``ResnetBlock2D``, then a ``TemporalResnetBlock`` on its
+    output, blended by an ``AlphaBlender``."""
+
+    def __init__(self, in_channels: int, out_channels: int, temb_channels: int | None, eps: float,
+                 temporal_eps: float, policy: Policy, rngs: nnx.Rngs, *, temporal_gets_alpha: bool = False):
+        self.spatial_res_block = ResnetBlock2D(in_channels, out_channels, temb_channels, eps, policy, rngs)
+        self.temporal_res_block = TemporalResnetBlock(out_channels, temb_channels, temporal_eps, policy, rngs)
+        self.time_mixer = AlphaBlender(policy, rngs, temporal_gets_alpha=temporal_gets_alpha)
+
+    def __call__(self, x, num_frames: int, temb=None):
+        """``x [B*F, H, W, C]``, ``temb [B*F, T]`` or None -> ``[B*F, H, W, C_out]``."""
+        spatial = self.spatial_res_block(x, temb)
+        bf, h, w, c = spatial.shape
+        video = spatial.reshape(bf // num_frames, num_frames, h, w, c)
+        temb_video = None if temb is None else temb.reshape(bf // num_frames, num_frames, -1)
+        temporal = self.temporal_res_block(video, temb_video)
+        return self.time_mixer(video, temporal).reshape(bf, h, w, c)
+
+
+class Downsample2D(nnx.Module):
+    """``conv``: 3x3 stride 2. ``padding`` ((1,1),(1,1)) for the UNet; the VAE encoder pads (0,1),(0,1)."""
+
+    def __init__(self, channels: int, policy: Policy, rngs: nnx.Rngs, padding=((1, 1), (1, 1))):
+        self.conv = conv(channels, channels, 3, policy, rngs, strides=2, padding=padding)
+
+    def __call__(self, x):
+        return self.conv(x)
+
+
+class Upsample2D(nnx.Module):
+    """Nearest-neighbour x2 then ``conv`` 3x3 pad 1."""
+
+    def __init__(self, channels: int, policy: Policy, rngs: nnx.Rngs):
+        self.conv = conv(channels, channels, 3, policy, rngs)
+
+    def __call__(self, x):
+        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        return self.conv(x)

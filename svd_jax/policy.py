@@ -1,0 +1,67 @@
+"""Runtime numerics, chosen at load time and kept apart from architecture (:mod:`svd_jax.configs`).
+
+* ``param_dtype``: the dtype weights are restored in.
+* ``compute_dtype``: the dtype of activations and matmul/conv inputs. Norm statistics, softmax, the sampler
+  state, EDM scalings, guidance and the Euler update always stay float32, whatever this says.
+* ``attention_impl``: ``"auto"``, ``"xla"`` or ``"cudnn"`` (see :mod:`svd_jax.attention`).
+* ``precision``: matmul/conv precision for XLA (``"highest"`` makes float32 exact on TPU and GPU, where the
+  default would use bf16 passes or TF32).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+PRECISIONS = ("default", "high", "highest")
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    param_dtype: str = "float32"
+    compute_dtype: str = "float32"
+    attention_impl: str = "auto"
+    precision: str = "highest"
+
+    def __post_init__(self):
+        for name in ("param_dtype", "compute_dtype"):
+            value = getattr(self, name)
+            if not isinstance(value, str):
+                object.__setattr__(self, name, jnp.dtype(value).name)
+            if getattr(self, name) not in ("float32", "bfloat16", "float16"):
+                raise ValueError(f"Policy.{name} must be float32, bfloat16 or float16, not {value!r}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"Policy.attention_impl must be one of {ATTENTION_IMPLS}, not {self.attention_impl!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"Policy.precision must be one of {PRECISIONS}, not {self.precision!r}")
+
+    @property
+    def param(self) -> jnp.dtype:
+        return jnp.dtype(self.param_dtype)
+
+    @property
+    def compute(self) -> jnp.dtype:
+        return jnp.dtype(self.compute_dtype)
+
+    @property
+    def lax_precision(self) -> jax.lax.Precision:
+        return {"default": jax.lax.Precision.DEFAULT, "high": jax.lax.Precision.HIGH,
+                "highest": jax.lax.Precision.HIGHEST}[self.precision]
+
+    @classmethod
+    def float32(cls, attention_impl: str = "auto") -> "Policy":
+        """Exact float32: for parity with PyTorch and for CPU runs."""
+        return cls("float32", "float32", attention_impl, "highest")
+
+    @classmethod
+    def bfloat16(cls, attention_impl: str = "auto") -> "Policy":
+        """bf16 weights and activations with float32 statistics: the fast path on accelerators."""
+        return cls("bfloat16", "bfloat16", attention_impl, "default")
+
+    @classmethod
+    def default(cls) -> "Policy":
+        """bfloat16 on GPU/TPU, float32 on CPU."""
+        return cls.float32() if jax.default_backend() == "cpu" else cls.bfloat16()
