@@ -1,0 +1,143 @@
+"""Bad input to the converter: one clear line naming the problem, exit code 2, nothing left on disk."""
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import save_file
+from transformers import CLIPVisionConfig as HFCLIPVisionConfig
+from transformers import CLIPVisionModelWithProjection
+
+from convert.__main__ import main
+from parity import convert_cli, randomize
+
+
+@pytest.fixture(scope="module")
+def clip_folder(tmp_path_factory):
+    """A tiny transformers image_encoder folder."""
+    folder = tmp_path_factory.mktemp("src") / "image_encoder"
+    config = HFCLIPVisionConfig(hidden_size=32, intermediate_size=37, projection_dim=24, num_hidden_layers=2,
+                                num_attention_heads=4, image_size=30, patch_size=10)
+    randomize(CLIPVisionModelWithProjection(config)).save_pretrained(folder)
+    return folder
+
+
+def run_main(capsys, *args):
+    code = main([str(a) for a in args])
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+def assert_clean_failure(code, err, dst, *needles):
+    assert code == 2
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    for needle in needles:
+        assert needle in err, err
+    assert not dst.exists()
+    assert not [p for p in dst.parent.iterdir() if p.name.startswith(f".{dst.name}.")], "partial output left behind"
+
+
+def test_missing_source(tmp_path, capsys):
+    code, err = run_main(capsys, tmp_path / "nope", tmp_path / "dst")
+    assert_clean_failure(code, err, tmp_path / "dst", "nope", "no such file")
+
+
+def test_not_safetensors(tmp_path, capsys):
+    bad = tmp_path / "model.safetensors"
+    bad.write_text("this is not a checkpoint")
+    code, err = run_main(capsys, bad, tmp_path / "dst")
+    assert_clean_failure(code, err, tmp_path / "dst", str(bad), "not a safetensors file")
+
+
+def test_truncated_file(tmp_path, capsys, clip_folder):
+    data = (clip_folder / "model.safetensors").read_bytes()
+    cut = tmp_path / "model.safetensors"
+    cut.write_bytes(data[: len(data) - 100])
+    code, err = run_main(capsys, cut, tmp_path / "dst")
+    assert_clean_failure(code, err, tmp_path / "dst", str(cut), "truncated")
+
+
+def test_checkpoint_of_another_model(tmp_path, capsys):
+    other = tmp_path / "resnet.safetensors"
+    save_file({"fc.weight": np.zeros((2, 3), np.float32), "conv1.weight": np.zeros((4, 3, 3, 3), np.float32)}, other)
+    code, err = run_main(capsys, other, tmp_path / "dst")
+    assert_clean_failure(code, err, tmp_path / "dst", str(other), "not an SVD checkpoint")
+
+
+def _copy_with(clip_folder, dst_folder, change):
+    from safetensors.torch import load_file, save_file as save_torch
+
+    tensors = load_file(clip_folder / "model.safetensors")
+    change(tensors)
+    dst_folder.mkdir()
+    save_torch(tensors, dst_folder / "model.safetensors")
+    (dst_folder / "config.json").write_text((clip_folder / "config.json").read_text())
+    return dst_folder
+
+
+def test_wrong_shape(tmp_path, capsys, clip_folder):
+    key = "vision_model.encoder.layers.1.mlp.fc1.weight"
+    src = _copy_with(clip_folder, tmp_path / "image_encoder", lambda t: t.__setitem__(key, torch.zeros(38, 32)))
+    code, err = run_main(capsys, src, tmp_path / "dst")
+    assert_clean_failure(code, err, tmp_path / "dst", key, "[38, 32]", "[37, 32]")
+
+
+def test_missing_and_unexpected_keys(tmp_path, capsys, clip_folder):
+    key = "vision_model.encoder.layers.0.self_attn.k_proj.bias"
+
+    def change(t):
+        t["vision_model.encoder.layers.0.self_attn.extra.weight"] = t.pop(key)
+
+    src = _copy_with(clip_folder, tmp_path / "image_encoder", change)
+    code, err = run_main(capsys, src, tmp_path / "dst")
+    assert_clean_failure(code, err, tmp_path / "dst", "missing 1 keys", key, "unexpected 1 keys", "extra.weight")
+
+
+def test_component_in_the_wrong_folder(tmp_path, capsys, clip_folder):
+    """A folder named vae/ that holds an image encoder is refused, not converted as something else."""
+    import shutil
+
+    repo = tmp_path / "repo"
+    shutil.copytree(clip_folder, repo / "vae")
+    code, err = run_main(capsys, repo, tmp_path / "dst")
+    assert_clean_failure(code, err, tmp_path / "dst", "image_encoder", "vae")
+
+
+def test_existing_destination_needs_force(tmp_path, clip_folder):
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    (dst / "keep.txt").write_text("mine")
+    result = convert_cli(clip_folder, dst, "--no-hash", check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"error: {dst} already exists (pass --force to replace it)"]
+    assert (dst / "keep.txt").read_text() == "mine"
+    convert_cli(clip_folder, dst, "--no-hash", "--force")
+    assert not (dst / "keep.txt").exists() and (dst / "manifest.json").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["dst"]
+
+
+def test_failure_while_writing_leaves_nothing(tmp_path, capsys, clip_folder, monkeypatch):
+    from convert import api
+
+    def explode(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(api.checkpoint, "save_params", explode)
+    with pytest.raises(OSError):
+        main([str(clip_folder), str(tmp_path / "dst")])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_destination_parent(tmp_path, capsys, clip_folder):
+    code, err = run_main(capsys, clip_folder, tmp_path / "no" / "dst")
+    assert code == 2 and "parent folder does not exist" in err
+    assert not (tmp_path / "no").exists()
+
+
+def test_manifest_records_sources(tmp_path, clip_folder):
+    import json
+
+    convert_cli(clip_folder, tmp_path / "dst")
+    manifest = json.loads((tmp_path / "dst" / "manifest.json").read_text())
+    (entry,) = manifest["source"]["files"]
+    assert entry["name"] == "model.safetensors" and len(entry["sha256"]) == 64
+    assert manifest["components"]["image_encoder"]["config"]["hidden_size"] == 32
