@@ -133,8 +133,8 @@ def test_linear_guidance_matches_torch_linspace(num_frames, scales):
 
 
 def triangle_transcription(min_scale, max_scale, num_frames, periods, fusing):
-    """sgm TrianglePredictionGuider (generative-models, sgm/modules/diffusionmodules/guiders.py) as written
-    in the reference §4.1 item 7: v = linspace(0, 1, T); wave = 2 |v/p - floor(v/p + 1/2)|; fused over
+    """Transcribed from Stability-AI/generative-models, sgm/modules/diffusionmodules/guiders.py,
+    TrianglePredictionGuider: v = linspace(0, 1, T); wave = 2 |v/p - floor(v/p + 1/2)|; fused over
     periods by max / mean / product; scale = wave (max - min) + min. Float64."""
     v = np.linspace(0.0, 1.0, num_frames)
     waves = np.stack([2 * np.abs(v / p - np.floor(v / p + 0.5)) for p in periods])
