@@ -3,16 +3,30 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import os
+import re
 from pathlib import Path
 from typing import Any
 
+from flax import nnx
+
 from svd_jax.checkpoint import PARAMS_DIR, Sharder, restore_model
-from svd_jax.components import COMPONENT_CONFIGS, abstract_model
-from svd_jax.configs import config_from_dict
+from svd_jax.components import COMPONENT_CONFIGS, abstract_model, model_class
+from svd_jax.configs import CLIPVisionConfig, UNetConfig, VAEConfig, config_from_dict
 from svd_jax.policy import Policy
 
 MANIFEST = "manifest.json"
+TINY = "tiny"
+# What is fetched from a diffusers repo on the Hub: configs and the weights of the three components.
+HUB_COMPONENT_FILES = {
+    "fp16": ["unet/diffusion_pytorch_model.fp16.safetensors", "vae/diffusion_pytorch_model.fp16.safetensors",
+             "image_encoder/model.fp16.safetensors"],
+    "fp32": ["unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
+             "image_encoder/model.safetensors"],
+}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 @dataclasses.dataclass
@@ -43,10 +57,86 @@ def read_manifest(path: Path) -> dict[str, Any]:
     return json.loads((path / MANIFEST).read_text())
 
 
-def load(path, policy: Policy | None = None, components=None, sharding: Sharder | None = None) -> SVDModels:
-    """Restore the components of the converted folder ``path`` (all by default) with the policy's dtypes."""
-    path = Path(path)
+def cache_dir() -> Path:
+    """Where sources converted by :func:`load` are kept: ``$SVD_JAX_CACHE`` or ``~/.cache/svd_jax``."""
+    return Path(os.environ.get("SVD_JAX_CACHE", Path.home() / ".cache" / "svd_jax"))
+
+
+def _source_fingerprint(source: Path) -> str:
+    """Changes when the source's weight files change, so a stale conversion is never reused."""
+    files = [source] if source.is_file() else sorted(source.rglob("*.safetensors"))
+    digest = hashlib.sha256(str(source.resolve()).encode())
+    for f in files:
+        stat = f.stat()
+        digest.update(f"{f.relative_to(source) if f != source else f.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:16]
+
+
+def _converted_copy(source: Path) -> Path:
+    """Convert a PyTorch source once into the cache and return the converted folder."""
+    from convert import convert  # the converter is only needed for unconverted sources
+
+    target = cache_dir() / "converted" / f"{source.stem}-{_source_fingerprint(source)}"
+    if not (target / MANIFEST).is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        convert(source, target, force=target.exists())
+    return target
+
+
+def _download(repo_id: str, variant: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise ImportError(f"loading {repo_id!r} from the Hugging Face Hub needs huggingface_hub: "
+                          "pip install 'svd_jax[hub]'") from None
+    patterns = ["model_index.json", "*/config.json", *HUB_COMPONENT_FILES[variant]]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as e:  # offline, gated, missing: the hub's own exception types vary by version
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise RuntimeError(
+            f"cannot download {repo_id!r} from the Hugging Face Hub ({type(e).__name__}: {reason}). "
+            "Offline? Gated models need `huggingface-cli login` and the license accepted on the model page; "
+            "or download the files yourself and pass the folder."
+        ) from None
+
+
+def resolve(source, hub_variant: str = "fp16") -> Path:
+    """The converted folder for ``source``: a converted folder as is; a diffusers folder or original
+    ``.safetensors`` file converted once into :func:`cache_dir`; a Hub id (``org/name``) downloaded, then converted."""
+    path = Path(source).expanduser()
+    if path.exists():
+        return path if (path / MANIFEST).is_file() else _converted_copy(path)
+    if isinstance(source, str) and _HUB_ID.match(source):
+        if hub_variant not in HUB_COMPONENT_FILES:
+            raise ValueError(f"hub_variant must be one of {sorted(HUB_COMPONENT_FILES)}, got {hub_variant!r}")
+        return _converted_copy(_download(source, hub_variant))
+    raise FileNotFoundError(f"{source}: no such file or folder, and not a Hugging Face repo id (org/name)")
+
+
+def tiny_models(policy: Policy | None = None, seed: int = 0) -> SVDModels:
+    """Tiny randomly initialised components: the whole pipeline runs in seconds; the output is noise."""
+    policy = policy or Policy.float32()
+    configs = {"image_encoder": CLIPVisionConfig.tiny(), "unet": UNetConfig.tiny(), "vae": VAEConfig.tiny()}
+    rngs = nnx.Rngs(seed)
+    models = SVDModels(Path(TINY), policy, {"components": {c: {"config": cfg.to_dict()} for c, cfg in configs.items()}})
+    for component, config in configs.items():
+        setattr(models, component, model_class(component, config)(config, policy=policy, rngs=rngs))
+    return models
+
+
+def load(path, policy: Policy | None = None, components=None, sharding: Sharder | None = None,
+         hub_variant: str = "fp16") -> SVDModels:
+    """Restore the components (all by default) of a converted folder with the policy's dtypes.
+
+    ``path`` may also be an unconverted diffusers folder or original single file (converted once into
+    :func:`cache_dir` and reused), a Hugging Face repo id (needs the ``hub`` extra), or ``"tiny"`` for tiny random
+    models. The policy defaults to bfloat16 on accelerators and float32 on CPU.
+    """
     policy = policy or Policy.default()
+    if path == TINY:
+        return tiny_models(policy)
+    path = resolve(path, hub_variant)
     manifest = read_manifest(path)
     available = [c for c in COMPONENT_CONFIGS if c in manifest.get("components", {})]
     wanted = available if components is None else list(components)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-__all__ = ["FILE_FORMATS", "frames_to_uint8", "save_video"]
+__all__ = ["FILE_FORMATS", "check_destination", "frames_to_uint8", "save_video"]
 
 FILE_FORMATS = (".mp4", ".gif", ".webp")
 H264_CRF = 18  # x264 constant-rate factor: 18 is visually near-lossless; imageio's default is 25.
@@ -119,6 +119,22 @@ def _destination(path) -> tuple[Path, str]:
     return final, suffix
 
 
+def check_destination(path) -> tuple[Path, str]:
+    """Validate an output path before any work is done: known format, existing parent folder, and no
+    non-empty folder in the way. Returns the final path and its format (an extension or "folder")."""
+    final, kind = _destination(path)
+    if not final.parent.is_dir():
+        raise FileNotFoundError(f"output folder {str(final.parent)!r} does not exist")
+    if kind == "folder":
+        if final.exists() and not final.is_dir():
+            raise FileExistsError(f"{str(final)!r} exists and is not a folder")
+        if final.is_dir() and any(final.iterdir()):
+            raise FileExistsError(f"output folder {str(final)!r} exists and is not empty")
+    elif final.is_dir():
+        raise IsADirectoryError(f"{str(final)!r} is a folder, cannot write a {kind} file there")
+    return final, kind
+
+
 def save_video(frames, path: str | os.PathLike, fps: float = 7) -> Path:
     """Save frames [F, H, W, 3] (float in [0, 1] or uint8; array or list of frames) and return the path.
 
@@ -130,19 +146,9 @@ def save_video(frames, path: str | os.PathLike, fps: float = 7) -> Path:
         raise ValueError(f"fps must be a positive number, got {fps!r}")
     if not (0 < fps < math.inf):
         raise ValueError(f"fps must be positive and finite, got {fps!r}")
-    final, kind = _destination(path)
+    final, kind = check_destination(path)
     video = frames_to_uint8(frames)
     parent = final.parent
-    if not parent.is_dir():
-        raise FileNotFoundError(f"output folder {str(parent)!r} does not exist")
-    if kind == "folder":
-        if final.exists() and not final.is_dir():
-            raise FileExistsError(f"{str(final)!r} exists and is not a folder")
-        if final.is_dir() and any(final.iterdir()):
-            raise FileExistsError(f"output folder {str(final)!r} exists and is not empty")
-    elif final.is_dir():
-        raise IsADirectoryError(f"{str(final)!r} is a folder, cannot write a {kind} file there")
-
     suffix = "" if kind == "folder" else kind
     temporary = parent / f".{final.name}.{secrets.token_hex(4)}.partial{suffix}"
     try:
