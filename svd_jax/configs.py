@@ -144,13 +144,34 @@ class UNetConfig(_ConfigIO):
         for ch in self.block_out_channels:
             if ch % self.norm_num_groups:
                 raise ValueError(f"block channels {ch} not divisible by norm_num_groups {self.norm_num_groups}")
+        for ch, heads in zip(self.block_out_channels, self.num_attention_heads):
+            if ch % heads:
+                raise ValueError(f"block channels {ch} not divisible by num_attention_heads {heads}")
+        if self.projection_class_embeddings_input_dim % self.addition_time_embed_dim:
+            raise ValueError(f"projection_class_embeddings_input_dim {self.projection_class_embeddings_input_dim} "
+                             f"is not a multiple of addition_time_embed_dim {self.addition_time_embed_dim}")
+        if len(set(self.cross_attention_dim)) != 1:
+            raise ValueError(f"every block must take the same context width; cross_attention_dim is "
+                             f"{self.cross_attention_dim}")
+
+    @property
+    def num_added_time_ids(self) -> int:
+        """How many conditioning scalars ``added_time_ids`` holds per video (SVD: fps-1, motion bucket, aug)."""
+        return self.projection_class_embeddings_input_dim // self.addition_time_embed_dim
+
+    @property
+    def downsample_factor(self) -> int:
+        """The latent height and width must be multiples of this (one halving per block but the last)."""
+        return 2 ** (len(self.block_out_channels) - 1)
 
     @classmethod
     def svd(cls) -> "UNetConfig":
+        """stable-video-diffusion-img2vid (14 frames) with diffusers' numerics."""
         return cls(num_frames=14)
 
     @classmethod
     def svd_xt(cls) -> "UNetConfig":
+        """stable-video-diffusion-img2vid-xt (25 frames; also xt-1.1) with diffusers' numerics."""
         return cls(num_frames=25)
 
     @classmethod
@@ -182,8 +203,11 @@ class UNetConfig(_ConfigIO):
             if unknown:
                 raise ValueError(f"unsupported UNet {name}: {', '.join(unknown)}")
         per_block = {}
-        for name in ("layers_per_block", "cross_attention_dim", "transformer_layers_per_block", "num_attention_heads"):
-            value = config.get(name, getattr(defaults, name))
+        # diffusers' own defaults: one value for every block, except the heads
+        upstream_defaults = {"layers_per_block": 2, "cross_attention_dim": 1024, "transformer_layers_per_block": 1,
+                             "num_attention_heads": defaults.num_attention_heads}
+        for name, default in upstream_defaults.items():
+            value = config.get(name, default)
             if name == "transformer_layers_per_block" and isinstance(value, (list, tuple)):
                 if any(isinstance(v, (list, tuple)) for v in value):
                     raise ValueError("per-layer transformer_layers_per_block (nested lists) is not supported")
