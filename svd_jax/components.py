@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 
+import jax
 from flax import nnx
 
 from svd_jax.configs import CLIPVisionConfig, UNetConfig, VAEConfig
@@ -35,8 +36,23 @@ def model_class(component: str, config):
     return getattr(importlib.import_module(module_name), class_name)
 
 
+class _ShapeOnlyRngs:
+    """Stands in for ``nnx.Rngs`` while building abstractly, where initial values are never computed.
+
+    Every initializer gets the same key. A real ``nnx.Rngs`` would update its counter once per parameter under
+    tracing, and each such traced update costs time proportional to the trace so far (flax looks up the sharding of
+    the traced counter, and jax builds an error message by walking the whole trace): quadratic, about a minute for
+    the full-size UNet instead of a few seconds.
+    """
+
+    def params(self):
+        return jax.random.key(0)
+
+    __call__ = params
+
+
 def abstract_model(component: str, config, policy: Policy | None = None):
     """The component's module with ``jax.ShapeDtypeStruct`` leaves: built without allocating or computing."""
     cls = model_class(component, config)
     policy = policy or Policy.float32()
-    return nnx.eval_shape(lambda: cls(config, policy=policy, rngs=nnx.Rngs(0)))
+    return nnx.eval_shape(lambda: cls(config, policy=policy, rngs=_ShapeOnlyRngs()))

@@ -10,10 +10,13 @@ import re
 from pathlib import Path
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from svd_jax.checkpoint import PARAMS_DIR, Sharder, restore_model
-from svd_jax.components import COMPONENT_CONFIGS, abstract_model, model_class
+from svd_jax.components import COMPONENT_CONFIGS, abstract_model
 from svd_jax.configs import CLIPVisionConfig, UNetConfig, VAEConfig, config_from_dict
 from svd_jax.policy import Policy
 
@@ -60,6 +63,15 @@ def read_manifest(path: Path) -> dict[str, Any]:
 def cache_dir() -> Path:
     """Where sources converted by :func:`load` are kept: ``$SVD_JAX_CACHE`` or ``~/.cache/svd_jax``."""
     return Path(os.environ.get("SVD_JAX_CACHE", Path.home() / ".cache" / "svd_jax"))
+
+
+def enable_compilation_cache() -> None:
+    """Turn on JAX's persistent compilation cache in ``cache_dir()/xla``, so a second process reaches its first
+    step without recompiling. A cache folder the user configured (``jax_compilation_cache_dir`` or
+    ``JAX_COMPILATION_CACHE_DIR``) wins; ``SVD_JAX_COMPILATION_CACHE=0`` turns this off."""
+    if os.environ.get("SVD_JAX_COMPILATION_CACHE", "1") == "0" or jax.config.jax_compilation_cache_dir:
+        return
+    jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
 
 
 def _source_fingerprint(source: Path) -> str:
@@ -114,14 +126,24 @@ def resolve(source, hub_variant: str = "fp16") -> Path:
     raise FileNotFoundError(f"{source}: no such file or folder, and not a Hugging Face repo id (org/name)")
 
 
+def _random_model(component: str, config, policy: Policy, rng: np.random.Generator):
+    """A module with small random weights drawn on the host (no per-parameter device initialisation)."""
+    graphdef, params, rest = nnx.split(abstract_model(component, config, policy), nnx.Param, ...)
+    for path, var in nnx.to_flat_state(params):
+        shape = var.get_value().shape
+        fan_in = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+        var.set_value(jnp.asarray(rng.normal(0.0, fan_in ** -0.5, shape), policy.param))
+    return nnx.merge(graphdef, params, rest)
+
+
 def tiny_models(policy: Policy | None = None, seed: int = 0) -> SVDModels:
     """Tiny randomly initialised components: the whole pipeline runs in seconds; the output is noise."""
     policy = policy or Policy.float32()
     configs = {"image_encoder": CLIPVisionConfig.tiny(), "unet": UNetConfig.tiny(), "vae": VAEConfig.tiny()}
-    rngs = nnx.Rngs(seed)
+    rng = np.random.default_rng(seed)
     models = SVDModels(Path(TINY), policy, {"components": {c: {"config": cfg.to_dict()} for c, cfg in configs.items()}})
     for component, config in configs.items():
-        setattr(models, component, model_class(component, config)(config, policy=policy, rngs=rngs))
+        setattr(models, component, _random_model(component, config, policy, rng))
     return models
 
 
@@ -134,6 +156,7 @@ def load(path, policy: Policy | None = None, components=None, sharding: Sharder 
     models. The policy defaults to bfloat16 on accelerators and float32 on CPU.
     """
     policy = policy or Policy.default()
+    enable_compilation_cache()
     if path == TINY:
         return tiny_models(policy)
     path = resolve(path, hub_variant)
