@@ -233,7 +233,12 @@ class UNetConfig(_ConfigIO):
 @dataclasses.dataclass(frozen=True)
 class VAEConfig(_ConfigIO):
     """``AutoencoderKLTemporalDecoder`` (``decoder="temporal"``) or the per-frame ``AutoencoderKL``
-    image decoder of the ``*_image_decoder`` checkpoints (``decoder="image"``)."""
+    image decoder of the ``*_image_decoder`` checkpoints (``decoder="image"``).
+
+    Both share the KL-f8 encoder (+ ``quant_conv``). ``norm_eps`` is every spatial/attention/output GroupNorm's
+    eps, ``temporal_norm_eps`` the temporal resblocks' (the same in diffusers and the original code). The
+    temporal variant always uses 32 groups: diffusers hard-codes them for that class.
+    """
 
     kind: ClassVar[str] = "vae"
 
@@ -253,9 +258,22 @@ class VAEConfig(_ConfigIO):
     def __post_init__(self):
         if self.decoder not in ("temporal", "image"):
             raise ValueError(f"VAE decoder must be 'temporal' or 'image', not {self.decoder!r}")
+        if not self.block_out_channels:
+            raise ValueError("VAE block_out_channels must not be empty")
+        if self.layers_per_block < 1:
+            raise ValueError(f"VAE layers_per_block must be at least 1, not {self.layers_per_block}")
+        if self.decoder == "temporal" and self.norm_num_groups != 32:
+            raise ValueError(f"the temporal VAE uses 32 GroupNorm groups, not {self.norm_num_groups}")
         for ch in self.block_out_channels:
             if ch % self.norm_num_groups:
                 raise ValueError(f"VAE channels {ch} not divisible by norm_num_groups {self.norm_num_groups}")
+        if not self.scaling_factor:
+            raise ValueError("VAE scaling_factor must not be 0")
+
+    @property
+    def downsample_factor(self) -> int:
+        """Pixels per latent along each side: 8 for SVD."""
+        return 2 ** (len(self.block_out_channels) - 1)
 
     @classmethod
     def svd(cls) -> "VAEConfig":
@@ -276,27 +294,31 @@ class VAEConfig(_ConfigIO):
         if class_name not in ("AutoencoderKLTemporalDecoder", "AutoencoderKL"):
             raise ValueError(f"unsupported VAE class {class_name!r}")
         decoder = "temporal" if class_name == "AutoencoderKLTemporalDecoder" else "image"
-        block_types = config.get("down_block_types", ["DownEncoderBlock2D"] * len(config.get("block_out_channels", [])))
-        if any(b != "DownEncoderBlock2D" for b in block_types):
-            raise ValueError(f"unsupported VAE down_block_types {block_types}")
+        defaults = cls()
+        channels = tuple(config.get("block_out_channels", defaults.block_out_channels))
+        block_types = config.get("down_block_types", ["DownEncoderBlock2D"] * len(channels))
+        if list(block_types) != ["DownEncoderBlock2D"] * len(channels):
+            raise ValueError(f"unsupported VAE down_block_types {list(block_types)} for {len(channels)} blocks")
         if decoder == "image":
-            if any(b != "UpDecoderBlock2D" for b in config.get("up_block_types", [])):
-                raise ValueError(f"unsupported VAE up_block_types {config['up_block_types']}")
+            up_types = config.get("up_block_types", ["UpDecoderBlock2D"] * len(channels))
+            if list(up_types) != ["UpDecoderBlock2D"] * len(channels):
+                raise ValueError(f"unsupported VAE up_block_types {list(up_types)} for {len(channels)} blocks")
             if config.get("act_fn", "silu") != "silu":
                 raise ValueError(f"unsupported VAE act_fn {config['act_fn']!r}")
             if not config.get("use_quant_conv", True) or not config.get("use_post_quant_conv", True):
                 raise ValueError("VAE without quant_conv/post_quant_conv is not supported")
             if not config.get("mid_block_add_attention", True):
                 raise ValueError("VAE without mid-block attention is not supported")
-        defaults = cls()
+        # AutoencoderKLTemporalDecoder has no norm_num_groups: diffusers builds it with 32 groups.
+        groups = config.get("norm_num_groups", defaults.norm_num_groups) if decoder == "image" else 32
         return cls(
             decoder=decoder,
             in_channels=config.get("in_channels", defaults.in_channels),
             out_channels=config.get("out_channels", defaults.out_channels),
-            block_out_channels=tuple(config.get("block_out_channels", defaults.block_out_channels)),
+            block_out_channels=channels,
             layers_per_block=config.get("layers_per_block", defaults.layers_per_block),
             latent_channels=config.get("latent_channels", defaults.latent_channels),
-            norm_num_groups=config.get("norm_num_groups", defaults.norm_num_groups),
+            norm_num_groups=groups,
             scaling_factor=config.get("scaling_factor", defaults.scaling_factor),
             force_upcast=config.get("force_upcast", defaults.force_upcast),
             sample_size=config.get("sample_size", defaults.sample_size),

@@ -123,7 +123,7 @@ class TransformerSpatioTemporalModel(nnx.Module):
         return self.proj_out(h).reshape(bf, height, width, c) + residual
 
 
-class _Blocks(nnx.Module):
+class _ResnetAttentionPairs(nnx.Module):
     """Shared construction of the resnet (+ transformer) pairs of a down or up block."""
 
     def _build(self, resnet_channels: list[tuple[int, int]], temb_channels: int, eps: float, attention: dict | None,
@@ -149,7 +149,7 @@ def transformer_settings(heads: int, cross_attention_dim: int, num_layers: int, 
                 layer_norm_eps=layer_norm_eps)
 
 
-class DownBlockSpatioTemporal(_Blocks):
+class DownBlockSpatioTemporal(_ResnetAttentionPairs):
     """diffusers ``DownBlockSpatioTemporal`` (``attention=None``) or ``CrossAttnDownBlockSpatioTemporal``
     (``attention=transformer_settings(...)``): resnets (each followed by a transformer), then a stride-2 conv.
     Returns the output and the skip activations (each layer's output, then the downsampled one)."""
@@ -173,7 +173,7 @@ class DownBlockSpatioTemporal(_Blocks):
         return x, tuple(skips)
 
 
-class UpBlockSpatioTemporal(_Blocks):
+class UpBlockSpatioTemporal(_ResnetAttentionPairs):
     """diffusers ``UpBlockSpatioTemporal`` (``attention=None``) or ``CrossAttnUpBlockSpatioTemporal``: each
     resnet takes ``concat([x, skip])`` (x first, skips popped last-first), then nearest x2 and a conv."""
 

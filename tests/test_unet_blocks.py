@@ -16,7 +16,7 @@ from svd_jax import Policy
 from svd_jax.layers import SpatioTemporalResBlock
 from svd_jax.unet_blocks import (DownBlockSpatioTemporal, TransformerSpatioTemporalModel, UNetMidBlockSpatioTemporal,
                                  UpBlockSpatioTemporal, transformer_settings)
-from unet_helpers import filled_block
+from unet_helpers import FAST_COMPILE, filled_block
 
 POLICY = Policy.float32()
 B, F, H, W = 2, 3, 4, 6
@@ -44,7 +44,7 @@ def _run(block, *args):
         it = iter(arrays)
         return nnx.merge(graphdef, state)(*(s if s is not None else next(it) for s in static))
 
-    return jax.jit(call)(state, *arrays)
+    return jax.jit(call, compiler_options=FAST_COMPILE)(state, *arrays)
 
 
 def _no_image_only():
