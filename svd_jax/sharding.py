@@ -1,0 +1,58 @@
+"""Meshes and partition rules for running on several devices.
+
+One mesh axis, ``"data"``, over all local devices (or, after ``jax.distributed.initialize()``, over every
+device of every host). Generation splits the rows of the UNet batch, which are the videos times the two
+classifier-free-guidance halves, across the devices; parameters are replicated by default, or sharded along
+their largest divisible axis (FSDP-style) for devices too small to hold a full copy.
+
+Multi-host: call ``jax.distributed.initialize()`` on every host first (on TPU pods and SLURM/Kubernetes GPU
+clusters it needs no arguments), then ``make_mesh()`` spans all hosts' devices and every host runs the same
+``generate`` call with the same arguments.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+DATA_AXIS = "data"
+# Parameters smaller than this stay replicated even when sharding parameters: splitting them saves nothing.
+MIN_SHARDED_PARAM_SIZE = 2 ** 18
+
+
+def make_mesh(devices=None) -> Mesh:
+    """A 1-D ``("data",)`` mesh over ``devices`` (default: all devices, of every host after distributed init)."""
+    devices = list(jax.devices() if devices is None else devices)
+    if not devices:
+        raise ValueError("make_mesh needs at least one device")
+    return Mesh(np.array(devices), (DATA_AXIS,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def rows(mesh: Mesh, num_rows: int, ndim: int) -> NamedSharding:
+    """Split axis 0 across the mesh when it divides evenly, else replicate (a correct fallback, never an error)."""
+    if num_rows % mesh.size:
+        return replicated(mesh)
+    return NamedSharding(mesh, PartitionSpec(DATA_AXIS, *([None] * (ndim - 1))))
+
+
+def param_sharder(mesh: Mesh, shard_params: bool = False, min_size: int = MIN_SHARDED_PARAM_SIZE):
+    """``sharding(path, shape)`` for :func:`svd_jax.load`: replicated parameters, or with ``shard_params`` each
+    parameter of at least ``min_size`` elements split along its largest axis divisible by the number of devices."""
+
+    def sharding(path: str, shape: tuple[int, ...]) -> NamedSharding:
+        if not shard_params or int(np.prod(shape)) < min_size:
+            return replicated(mesh)
+        axes = sorted(range(len(shape)), key=lambda a: -shape[a])
+        axis = next((a for a in axes if shape[a] % mesh.size == 0), None)
+        if axis is None:
+            return replicated(mesh)
+        spec = [None] * len(shape)
+        spec[axis] = DATA_AXIS
+        return NamedSharding(mesh, PartitionSpec(*spec))
+
+    return sharding
