@@ -65,7 +65,7 @@ _GENERATE_OPTIONS = ("height", "width", "num_frames", "num_inference_steps", "mi
 
 def _generate(args: argparse.Namespace) -> int:
     from svd_jax import pipeline, video
-    from svd_jax.loader import TINY, load
+    from svd_jax.loader import TINY, load, read_manifest, resolve
     from svd_jax.policy import Policy
     from svd_jax.preprocess import load_image
 
@@ -81,7 +81,13 @@ def _generate(args: argparse.Namespace) -> int:
         video.check_destination(args.output)
         image = load_image(args.image)
         policy = {"auto": None, "float32": Policy.float32(), "bfloat16": Policy.bfloat16()}[args.policy]
-        models = load(args.model, policy=policy)
+        source = args.model
+        if source != TINY:
+            source = resolve(source)
+            missing = [c for c in ("image_encoder", "unet", "vae") if c not in read_manifest(source)["components"]]
+            if missing:
+                raise ValueError(f"{source} has no {', '.join(missing)}: generation needs all three components")
+        models = load(source, policy=policy)
         frames = pipeline.generate(image, models, output_type="uint8", **options)
         path = video.save_video(frames[0], args.output, fps=options.get("fps", 7))
     except (OSError, ValueError, RuntimeError, ImportError) as e:
