@@ -1,4 +1,5 @@
-"""``python -m convert SRC DST [--config DIR] [--force]``."""
+"""``python -m convert SRC DST [--config DIR] [--force]``: PyTorch -> svd_jax.
+``python -m convert --to-diffusers SRC DST [--dtype D] [--force]``: a converted svd_jax folder -> a diffusers folder."""
 
 from __future__ import annotations
 
@@ -8,17 +9,58 @@ import sys
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     parser = parser or argparse.ArgumentParser(prog="python -m convert", description=__doc__)
-    parser.add_argument("src", help="a diffusers folder, a component folder or file, or the original svd*.safetensors")
-    parser.add_argument("dst", help="the converted folder to write (must not exist unless --force)")
+    parser.add_argument("src", help="a diffusers folder, a component folder or file, or the original svd*.safetensors "
+                                        "(with --to-diffusers: a converted svd_jax folder)")
+    parser.add_argument("dst", help="the converted folder to write, or with --to-diffusers the diffusers folder "
+                                        "(must not exist unless --force)")
     parser.add_argument("--config", metavar="DIR",
                         help="a folder laid out like a diffusers repo without weights (image_encoder/config.json, "
                              "unet/config.json, vae/config.json) for non-standard sizes")
     parser.add_argument("--force", action="store_true", help="replace an existing DST")
     parser.add_argument("--no-hash", action="store_true", help="skip the sha256 of the source files in the manifest")
+    parser.add_argument("--to-diffusers", action="store_true",
+                        help="the other way: SRC is a converted svd_jax folder, DST the diffusers folder to write")
+    parser.add_argument("--dtype", choices=["float16", "float32", "bfloat16"],
+                        help="with --to-diffusers: cast the weights (default: keep the stored dtypes)")
+    parser.add_argument("--accept-diffusers-eps", action="store_true",
+                        help="with --to-diffusers: export a UNet with the original (sgm) GroupNorm eps, which "
+                             "diffusers cannot express; diffusers will compute with its own eps")
     return parser
 
 
+def _export(args: argparse.Namespace) -> int:
+    from convert.errors import ConversionError
+    from convert.export import export
+
+    try:
+        summary = export(args.src, args.dst, dtype=args.dtype, force=args.force,
+                         accept_diffusers_eps=args.accept_diffusers_eps)
+    except ConversionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for name, info in summary["components"].items():
+        dtypes = ", ".join(info["dtypes"])
+        print(f"{name}: {info['num_tensors']} tensors ({dtypes}) -> {args.dst}/{name}")
+        if info["eps_changed_to_diffusers"]:
+            print(f"warning: {name}: diffusers will compute with its own {', '.join(info['eps_changed_to_diffusers'])}",
+                  file=sys.stderr)
+    if not summary["pipeline"]:
+        print(f"note: {args.src} holds only {', '.join(summary['components'])}: no model_index.json written; load "
+              "each component with from_pretrained(DST, subfolder=...)")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.to_diffusers and (args.config or args.no_hash):
+        print("error: --config and --no-hash apply to PyTorch -> svd_jax, not to --to-diffusers", file=sys.stderr)
+        return 2
+    if not args.to_diffusers and (args.dtype or args.accept_diffusers_eps):
+        print("error: --dtype and --accept-diffusers-eps apply only with --to-diffusers", file=sys.stderr)
+        return 2
+    return _export(args) if args.to_diffusers else _convert(args)
+
+
+def _convert(args: argparse.Namespace) -> int:
     from convert.api import convert
     from convert.errors import ConversionError
 
