@@ -132,19 +132,25 @@ def _random_model(component: str, config, policy: Policy, rng: np.random.Generat
     for path, var in nnx.to_flat_state(params):
         shape = var.get_value().shape
         fan_in = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
-        var.set_value(jnp.asarray(rng.normal(0.0, fan_in ** -0.5, shape), policy.param))
+        var.set_value(jnp.asarray(rng.standard_normal(shape, dtype=np.float32) * np.float32(fan_in ** -0.5), policy.param))
     return nnx.merge(graphdef, params, rest)
+
+
+def random_models(configs: dict, policy: Policy | None = None, seed: int = 0, name: str = "random") -> SVDModels:
+    """Components with random weights for ``configs`` (``{"unet": UNetConfig.svd_xt(), ...}``): for tests,
+    benchmarks and trying the whole path without a checkpoint. The outputs are noise."""
+    policy = policy or Policy.float32()
+    rng = np.random.default_rng(seed)
+    models = SVDModels(Path(name), policy, {"components": {c: {"config": cfg.to_dict()} for c, cfg in configs.items()}})
+    for component, config in configs.items():
+        setattr(models, component, _random_model(component, config, policy, rng))
+    return models
 
 
 def tiny_models(policy: Policy | None = None, seed: int = 0) -> SVDModels:
     """Tiny randomly initialised components: the whole pipeline runs in seconds; the output is noise."""
-    policy = policy or Policy.float32()
     configs = {"image_encoder": CLIPVisionConfig.tiny(), "unet": UNetConfig.tiny(), "vae": VAEConfig.tiny()}
-    rng = np.random.default_rng(seed)
-    models = SVDModels(Path(TINY), policy, {"components": {c: {"config": cfg.to_dict()} for c, cfg in configs.items()}})
-    for component, config in configs.items():
-        setattr(models, component, _random_model(component, config, policy, rng))
-    return models
+    return random_models(configs, policy, seed, name=TINY)
 
 
 def load(path, policy: Policy | None = None, components=None, sharding: Sharder | None = None,
