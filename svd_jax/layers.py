@@ -108,11 +108,12 @@ def sinusoidal_embedding(timesteps, dim: int, max_period: float = 10000.0):
 
 
 class TimestepEmbedding(nnx.Module):
-    """``linear_1 -> SiLU -> linear_2`` (diffusers ``TimestepEmbedding``)."""
+    """``linear_1 -> SiLU -> linear_2`` (diffusers ``TimestepEmbedding``), ``out_dim`` defaulting to the hidden size."""
 
-    def __init__(self, in_channels: int, time_embed_dim: int, policy: Policy, rngs: nnx.Rngs):
+    def __init__(self, in_channels: int, time_embed_dim: int, policy: Policy, rngs: nnx.Rngs,
+                 out_dim: int | None = None):
         self.linear_1 = dense(in_channels, time_embed_dim, policy, rngs)
-        self.linear_2 = dense(time_embed_dim, time_embed_dim, policy, rngs)
+        self.linear_2 = dense(time_embed_dim, out_dim or time_embed_dim, policy, rngs)
 
     def __call__(self, x):
         return self.linear_2(jax.nn.silu(self.linear_1(x)))

@@ -68,14 +68,6 @@ class TemporalBasicTransformerBlock(nnx.Module):
         return h.reshape(b, s, num_frames, c).transpose(0, 2, 1, 3).reshape(bf, s, c)
 
 
-class FramePositionEmbedding(TimestepEmbedding):
-    """``linear_1`` C -> 4C, SiLU, ``linear_2`` 4C -> C (diffusers ``TimestepEmbedding(C, 4C, out_dim=C)``)."""
-
-    def __init__(self, channels: int, policy: Policy, rngs: nnx.Rngs):
-        self.linear_1 = dense(channels, 4 * channels, policy, rngs)
-        self.linear_2 = dense(4 * channels, channels, policy, rngs)
-
-
 class TransformerSpatioTemporalModel(nnx.Module):
     """diffusers ``TransformerSpatioTemporalModel`` (sgm ``SpatialVideoTransformer``) on ``[B*F, H, W, C]``.
 
@@ -97,7 +89,7 @@ class TransformerSpatioTemporalModel(nnx.Module):
         self.temporal_transformer_blocks = nnx.List([
             TemporalBasicTransformerBlock(channels, heads, cross_attention_dim, layer_norm_eps, policy, rngs)
             for _ in range(num_layers)])
-        self.time_pos_embed = FramePositionEmbedding(channels, policy, rngs)
+        self.time_pos_embed = TimestepEmbedding(channels, 4 * channels, policy, rngs, out_dim=channels)
         self.time_mixer = AlphaBlender(policy, rngs)
         self.proj_out = dense(channels, channels, policy, rngs)
 
