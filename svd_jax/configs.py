@@ -87,7 +87,7 @@ class CLIPVisionConfig(_ConfigIO):
 
     @classmethod
     def tiny(cls) -> "CLIPVisionConfig":
-        return cls(hidden_size=32, intermediate_size=37, projection_dim=24, num_hidden_layers=2,
+        return cls(hidden_size=32, intermediate_size=37, projection_dim=32, num_hidden_layers=2,
                    num_attention_heads=4, image_size=224, patch_size=32)
 
     @classmethod
