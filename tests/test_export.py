@@ -17,9 +17,9 @@ from safetensors.torch import load_file
 import svd_jax
 from convert.__main__ import main
 from parity import convert_inprocess, max_rel_err, randomize
-from convert.export import read_params
+from convert.export import image_encoder_config, read_params, unet_config, vae_config
 from svd_jax.checkpoint import save_params
-from svd_jax.configs import CLIPVisionConfig, UNetConfig
+from svd_jax.configs import CLIPVisionConfig, UNetConfig, VAEConfig
 from tiny_svd import SVD_SCHEDULER, tiny_pipeline
 from unet_helpers import jitted_call, to_jax_inputs, torch_unet_output, unet_inputs
 
@@ -202,3 +202,26 @@ def test_bad_input(round_trip, tmp_path, capsys):
     assert code == 2 and "--config" in err and not (tmp_path / "out").exists()
     code = main([str(root / "src"), str(tmp_path / "out"), "--dtype", "float16"])
     assert code == 2 and "--to-diffusers" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+# The hub repos' vae/ and image_encoder/ config.json fields (reference, sections 3.1 and 5b).
+SVD_VAE_HUB_CONFIG = {"_class_name": "AutoencoderKLTemporalDecoder", "block_out_channels": [128, 256, 512, 512],
+                      "down_block_types": ["DownEncoderBlock2D"] * 4, "force_upcast": True, "in_channels": 3,
+                      "latent_channels": 4, "layers_per_block": 2, "out_channels": 3, "sample_size": 768,
+                      "scaling_factor": 0.18215}
+SVD_CLIP_HUB_CONFIG = {"hidden_size": 1280, "intermediate_size": 5120, "num_attention_heads": 16,
+                       "num_hidden_layers": 32, "patch_size": 14, "image_size": 224, "projection_dim": 1024,
+                       "layer_norm_eps": 1e-5, "hidden_act": "gelu", "dtype": "float16"}
+
+
+def test_full_size_configs_match_the_hub():
+    from test_unet import SVD_XT_HUB_CONFIG
+
+    def fields(config):
+        return {k: v for k, v in config.items() if k != "_diffusers_version"}
+
+    assert fields(unet_config(UNetConfig.svd_xt())) == SVD_XT_HUB_CONFIG
+    assert fields(vae_config(VAEConfig.svd())) == SVD_VAE_HUB_CONFIG
+    clip = image_encoder_config(CLIPVisionConfig.vit_h_14(), "float16")
+    assert {k: clip[k] for k in SVD_CLIP_HUB_CONFIG} == SVD_CLIP_HUB_CONFIG
+    assert clip["architectures"] == ["CLIPVisionModelWithProjection"]
