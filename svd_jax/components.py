@@ -56,3 +56,12 @@ def abstract_model(component: str, config, policy: Policy | None = None):
     cls = model_class(component, config)
     policy = policy or Policy.float32()
     return nnx.eval_shape(lambda: cls(config, policy=policy, rngs=_ShapeOnlyRngs()))
+
+
+def recast(module, component: str, policy: Policy):
+    """The same weights as ``module`` under another policy (its dtypes), e.g. a float32 copy of a bf16 VAE."""
+    graphdef, params, rest = nnx.split(abstract_model(component, module.config, policy), nnx.Param, ...)
+    source = {path: var.get_value() for path, var in nnx.to_flat_state(nnx.state(module, nnx.Param))}
+    for path, var in nnx.to_flat_state(params):
+        var.set_value(source[path].astype(policy.param))
+    return nnx.merge(graphdef, params, rest)

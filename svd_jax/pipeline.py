@@ -20,7 +20,9 @@ from jax.sharding import Mesh, NamedSharding
 from tqdm.auto import tqdm
 
 from svd_jax import preprocess, scheduler, sharding
+from svd_jax.components import recast
 from svd_jax.loader import SVDModels
+from svd_jax.policy import Policy
 from svd_jax.vae import decode_latents
 
 # Sampler settings of the original code (sgm) per model, and diffusers' pipeline defaults. fps is the frame
@@ -107,7 +109,11 @@ class _Compiled:
         self.mesh = mesh
         self.unet_graph, self.unet_state = nnx.split(models.unet)
         self.encoder_graph, self.encoder_state = nnx.split(models.image_encoder)
-        self.vae_graph, self.vae_state = nnx.split(models.vae)
+        vae = models.vae
+        if vae.config.force_upcast and models.policy.compute != jnp.float32:
+            # as diffusers: the conditioning image is encoded in float32 (force_upcast), whatever the policy
+            vae = recast(vae, "vae", Policy.float32(models.policy.attention_impl))
+        self.vae_graph, self.vae_state = nnx.split(vae)
         if mesh is not None:  # parameters loaded for one device are replicated; sharded ones are kept as placed
             self.unet_state, self.encoder_state, self.vae_state = (
                 jax.tree.map(lambda a: a if _on_mesh(a, mesh) else jax.device_put(a, sharding.replicated(mesh)), s)
@@ -121,7 +127,8 @@ class _Compiled:
         return nnx.merge(self.encoder_graph, state)(clip_pixels.astype(self.compute)).astype(jnp.float32)
 
     def _encode_latents(self, state, pixels):
-        mean, _ = nnx.merge(self.vae_graph, state).encode(pixels.astype(self.compute))
+        vae = nnx.merge(self.vae_graph, state)
+        mean, _ = vae.encode(pixels.astype(vae.encoder.conv_in.dtype))
         return mean.astype(jnp.float32)
 
     def _step(self, state, latents, sigma, sigma_next, c_noise, cond: Conditioning):

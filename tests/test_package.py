@@ -20,9 +20,10 @@ def test_cli_info(tmp_path):
     config = CLIPVisionConfig(hidden_size=32, intermediate_size=37, projection_dim=24, num_hidden_layers=1,
                               num_attention_heads=4, image_size=30, patch_size=10)
     randomize(CLIPVisionModelWithProjection(config)).save_pretrained(tmp_path / "image_encoder")
+    from svd_jax.cli import main
+
+    assert main(["convert", str(tmp_path / "image_encoder"), str(tmp_path / "dst"), "--no-hash"]) == 0
     cli = [sys.executable, "-m", "svd_jax.cli"]
-    subprocess.run(cli + ["convert", str(tmp_path / "image_encoder"), str(tmp_path / "dst")], cwd=REPO, check=True,
-                   capture_output=True)
     result = subprocess.run(cli + ["info", str(tmp_path / "dst")], cwd=REPO, capture_output=True, text=True, check=True)
     assert "image_encoder: clip_vision" in result.stdout and "hidden_size=32" in result.stdout
     missing = subprocess.run(cli + ["info", str(tmp_path / "nothing")], cwd=REPO, capture_output=True, text=True)

@@ -1,0 +1,65 @@
+"""svd_jax.load: converted folders, unconverted sources converted once into the cache, Hub ids, tiny models."""
+
+import os
+
+import numpy as np
+import pytest
+
+import svd_jax
+from svd_jax import loader
+
+
+@pytest.fixture()
+def isolated_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SVD_JAX_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_unconverted_folder_is_converted_once_and_reused(tmp_path, isolated_cache):
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from parity import randomize
+
+    config = CLIPVisionConfig(hidden_size=32, intermediate_size=37, projection_dim=32, num_hidden_layers=1,
+                              num_attention_heads=4, image_size=30, patch_size=10)
+    randomize(CLIPVisionModelWithProjection(config)).save_pretrained(tmp_path / "repo" / "image_encoder")
+    first = svd_jax.load(tmp_path / "repo", policy=svd_jax.Policy.float32())
+    (converted,) = (isolated_cache / "converted").iterdir()
+    stamp = (converted / "manifest.json").stat().st_mtime_ns
+    second = svd_jax.load(tmp_path / "repo", policy=svd_jax.Policy.float32())
+    assert (converted / "manifest.json").stat().st_mtime_ns == stamp  # reused, not converted again
+    assert second.path == first.path == converted
+    pixels = np.random.default_rng(0).normal(size=(1, 30, 30, 3)).astype(np.float32)
+    np.testing.assert_array_equal(first.image_encoder(pixels), second.image_encoder(pixels))
+    # a changed source is converted again into a new folder
+    os.utime(tmp_path / "repo" / "image_encoder" / "model.safetensors", ns=(1, 1))
+    svd_jax.load(tmp_path / "repo", policy=svd_jax.Policy.float32())
+    assert len(list((isolated_cache / "converted").iterdir())) == 2
+
+
+def test_hub_id_offline_gives_a_clear_error(isolated_cache, monkeypatch):
+    pytest.importorskip("huggingface_hub")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(isolated_cache / "hf"))
+    with pytest.raises(RuntimeError) as error:
+        svd_jax.load("stabilityai/stable-video-diffusion-img2vid-xt")
+    message = str(error.value)
+    assert "stabilityai/stable-video-diffusion-img2vid-xt" in message and "Offline?" in message
+    assert "\n" not in message
+
+
+def test_missing_path_and_not_converted(tmp_path, isolated_cache):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        svd_jax.load(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="empty"):
+        svd_jax.load(tmp_path / "empty")
+    with pytest.raises(ValueError, match="hub_variant"):
+        loader.resolve("org/name", hub_variant="int8")
+
+
+def test_tiny_models_run_every_component():
+    models = svd_jax.load("tiny", policy=svd_jax.Policy.float32())
+    assert models.unet.config.cross_attention_dim[0] == models.image_encoder.config.projection_dim
+    embeds = models.image_encoder(np.zeros((1, 224, 224, 3), np.float32))
+    assert embeds.shape == (1, 32) and np.isfinite(np.asarray(embeds)).all()
