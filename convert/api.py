@@ -52,7 +52,7 @@ def _write_component(folder: Path, source: layouts.ComponentSource, expected: di
     }
 
 
-def _replace(tmp: Path, dst: Path, force: bool) -> None:
+def replace_destination(tmp: Path, dst: Path, force: bool) -> None:
     if dst.exists():
         if not force:
             raise ConversionError(f"{dst} already exists (pass --force to replace it)")
@@ -90,7 +90,7 @@ def convert(src, dst, config_dir=None, force: bool = False, hash_sources: bool =
         for source, expected in planned:
             manifest["components"][source.component] = _write_component(tmp / source.component, source, expected)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        _replace(tmp, dst, force)
+        replace_destination(tmp, dst, force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -37,16 +37,14 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterable
 
-import jax
 import ml_dtypes
 import numpy as np
-import orbax.checkpoint as ocp
 
 from convert import rules
-from convert.api import CONFIG, MANIFEST, _replace
+from convert.api import CONFIG, MANIFEST, replace_destination
 from convert.errors import ConversionError
 from convert.layouts import config_from_upstream
-from svd_jax.checkpoint import PARAMS_DIR, _nest, path_key, stored_params
+from svd_jax.checkpoint import PARAMS_DIR, load_params, stored_params
 from svd_jax.components import COMPONENT_CONFIGS, abstract_model
 from svd_jax.configs import CLIPVisionConfig, UNetConfig, VAEConfig, config_from_dict
 
@@ -180,21 +178,6 @@ def _plain(value):
 
 # ---- weights ----
 
-def read_params(folder: Path, params: list[str] | None = None) -> dict[str, np.ndarray]:
-    """The arrays of ``folder/params`` (written by ``svd_jax.checkpoint.save_params``) as numpy in their stored
-    dtype: all of them, or only the dotted paths ``params`` (orbax's partial restore)."""
-    path = Path(folder).absolute() / PARAMS_DIR
-    checkpointer = ocp.PyTreeCheckpointer()
-    if params is None:
-        params = list(stored_params(folder))
-    structure = _nest({key: 0 for key in params})
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), structure)
-    restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(item=structure, restore_args=restore_args,
-                                                                      partial_restore=True))
-    leaves = jax.tree_util.tree_flatten_with_path(restored)[0]
-    return {path_key(tuple(k.key for k in keys)): np.asarray(v) for keys, v in leaves}
-
-
 def _read_group(param: str) -> str:
     """Parameters are read in groups (a list entry such as ``down_blocks.0``; else the top-level module), so that
     at most one group is in memory twice while orbax restores it."""
@@ -295,7 +278,7 @@ def _write_component(plan: _Plan, src: Path, dst: Path, dtype: np.dtype | None) 
 
     def tensors():
         for group in groups.values():
-            params = read_params(src, [target.param for target in group.values()])
+            params = load_params(src, [target.param for target in group.values()])
             for target in group.values():  # each stored array is dropped once its PyTorch layout is written
                 yield _torch_tensor(target, params.pop(target.param), dtype)
 
@@ -360,7 +343,7 @@ def export(src, out, dtype: str | None = None, force: bool = False, accept_diffu
             _write_json(tmp / "scheduler" / "scheduler_config.json", SVD_SCHEDULER_CONFIG)
             _write_json(tmp / "feature_extractor" / "preprocessor_config.json",
                         feature_extractor_config(configs["image_encoder"]))
-        _replace(tmp, out, force)
+        replace_destination(tmp, out, force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -68,6 +68,21 @@ def stored_params(directory: Path) -> dict[str, tuple[tuple[int, ...], str]]:
     return {k: (tuple(v.shape), np.dtype(v.dtype).name) for k, v in _flatten(dict(tree)).items()}
 
 
+def load_params(folder: Path, params: list[str] | None = None) -> dict[str, np.ndarray]:
+    """The arrays of ``folder/params`` (written by ``svd_jax.checkpoint.save_params``) as numpy in their stored
+    dtype: all of them, or only the dotted paths ``params`` (orbax's partial restore)."""
+    path = Path(folder).absolute() / PARAMS_DIR
+    checkpointer = ocp.PyTreeCheckpointer()
+    if params is None:
+        params = list(stored_params(folder))
+    structure = _nest({key: 0 for key in params})
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), structure)
+    restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(item=structure, restore_args=restore_args,
+                                                                      partial_restore=True))
+    leaves = jax.tree_util.tree_flatten_with_path(restored)[0]
+    return {path_key(tuple(k.key for k in keys)): np.asarray(v) for keys, v in leaves}
+
+
 Sharder = Callable[[str, tuple[int, ...]], jax.sharding.Sharding]
 
 

@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 import svd_jax
 from convert.__main__ import main
 from parity import convert_inprocess, max_rel_err, randomize
-from convert.export import image_encoder_config, read_params, unet_config, vae_config
+from convert.export import image_encoder_config, unet_config, vae_config
+from svd_jax.checkpoint import load_params
 from svd_jax.checkpoint import save_params
 from svd_jax.configs import CLIPVisionConfig, UNetConfig, VAEConfig
 from tiny_svd import SVD_SCHEDULER, tiny_pipeline
@@ -93,7 +94,7 @@ def test_fine_tuned_unet_exports_what_svd_jax_computes(round_trip, tmp_path, cap
     """Fine-tuning's round trip: params changed in svd_jax and saved as a converted folder (checkpoint +
     config.json + manifest.json) export to a diffusers UNet that computes what svd_jax computes."""
     pipe, root = round_trip
-    params = read_params(root / "converted" / "unet")
+    params = load_params(root / "converted" / "unet")
     rng = np.random.default_rng(5)
     for key in TUNED_LEAVES:
         params[key] = params[key] + (0.5 * params[key].std() + 0.1) * rng.standard_normal(params[key].shape,

@@ -1,7 +1,6 @@
 """The notebooks execute top to bottom in their tiny modes."""
 
 import nbformat
-import pytest
 from nbclient import NotebookClient
 
 from parity import REPO
