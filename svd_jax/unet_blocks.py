@@ -39,22 +39,16 @@ class BasicTransformerBlock(nnx.Module):
         return self.ff(self.norm3(x)) + x
 
 
-class TemporalBasicTransformerBlock(nnx.Module):
+class TemporalBasicTransformerBlock(BasicTransformerBlock):
     """Attention over the frames at each spatial position (diffusers ``TemporalBasicTransformerBlock``, sgm
-    ``VideoTransformerBlock``): a residual GEGLU ``ff_in``, self-attention over time, cross-attention to the
-    video's context, feed-forward."""
+    ``VideoTransformerBlock``): a residual GEGLU ``ff_in``, then the spatial block's self-attention (now over
+    time), cross-attention to the video's context and feed-forward."""
 
     def __init__(self, dim: int, heads: int, cross_attention_dim: int, layer_norm_eps: float, policy: Policy,
                  rngs: nnx.Rngs):
-        head_dim = dim // heads
+        super().__init__(dim, heads, cross_attention_dim, layer_norm_eps, policy, rngs)
         self.norm_in = LayerNorm(dim, layer_norm_eps, policy, rngs)
         self.ff_in = FeedForward(dim, policy, rngs, dim_out=dim)
-        self.norm1 = LayerNorm(dim, layer_norm_eps, policy, rngs)
-        self.attn1 = Attention(dim, heads, head_dim, policy, rngs)
-        self.norm2 = LayerNorm(dim, layer_norm_eps, policy, rngs)
-        self.attn2 = Attention(dim, heads, head_dim, policy, rngs, cross_attention_dim=cross_attention_dim)
-        self.norm3 = LayerNorm(dim, layer_norm_eps, policy, rngs)
-        self.ff = FeedForward(dim, policy, rngs)
 
     def __call__(self, x, num_frames: int, time_context):
         """``x [B*F, S, C]``, ``time_context [B*S, L, D]`` -> ``[B*F, S, C]``."""
@@ -62,9 +56,7 @@ class TemporalBasicTransformerBlock(nnx.Module):
         b = bf // num_frames
         h = x.reshape(b, num_frames, s, c).transpose(0, 2, 1, 3).reshape(b * s, num_frames, c)
         h = self.ff_in(self.norm_in(h)) + h
-        h = self.attn1(self.norm1(h)) + h
-        h = self.attn2(self.norm2(h), time_context) + h
-        h = self.ff(self.norm3(h)) + h
+        h = super().__call__(h, time_context)
         return h.reshape(b, s, num_frames, c).transpose(0, 2, 1, 3).reshape(bf, s, c)
 
 
