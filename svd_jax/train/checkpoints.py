@@ -1,0 +1,109 @@
+"""Orbax checkpoints of the whole training state, and export of the fine-tuned model for ``svd_jax.load``.
+
+A checkpoint ``<dir>/<step>/`` holds ``state`` (the trainable parameters, the optimizer state, the step counter
+and the RNG key: :class:`~svd_jax.train.step.TrainState`), ``frozen`` (the frozen UNet parameters, so a
+checkpoint does not depend on the base model staying unchanged) and ``meta`` (JSON: data position, config).
+The last ``keep`` checkpoints are kept. Restoring places every array with the sharding of the abstract target,
+so a run resumes on the same mesh layout, and resuming continues bit for bit: the data position, the RNG key and
+the optimizer state are all restored.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from svd_jax.checkpoint import save_params
+from svd_jax.loader import MANIFEST
+
+
+class Checkpoints:
+    """``save(step, state, frozen, meta)``, ``latest()``, ``restore(step, state_like, frozen_like)``."""
+
+    def __init__(self, directory, keep: int):
+        self.directory = Path(directory).absolute()
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+
+    def save(self, step: int, state, frozen: dict, meta: dict[str, Any]) -> None:
+        """Start writing (asynchronously: the arrays are copied first, so training may go on at once)."""
+        items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
+        if frozen:  # orbax refuses empty trees
+            items["frozen"] = ocp.args.StandardSave(frozen)
+        self.manager.save(int(step), args=ocp.args.Composite(**items), force=True)
+
+    def latest(self) -> int | None:
+        return self.manager.latest_step()
+
+    def steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def restore(self, step: int, state_like, frozen_like):
+        """``(state, frozen, meta)``; ``*_like`` give the structure, dtypes and shardings (arrays or
+        ``jax.ShapeDtypeStruct``s)."""
+        self.manager.wait_until_finished()
+
+        def abstract(tree):
+            return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None)),
+                                tree)
+
+        items = {"state": ocp.args.StandardRestore(abstract(state_like)), "meta": ocp.args.JsonRestore()}
+        if frozen_like:
+            items["frozen"] = ocp.args.StandardRestore(abstract(frozen_like))
+        restored = self.manager.restore(int(step), args=ocp.args.Composite(**items))
+        return restored["state"], (restored["frozen"] if frozen_like else {}), restored["meta"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def _component_arrays(module) -> dict[str, np.ndarray]:
+    from flax import nnx
+
+    from svd_jax.checkpoint import path_key
+
+    _, params = nnx.split(module, nnx.Param)
+    return {path_key(path): np.asarray(jax.device_get(var.get_value())) for path, var in nnx.to_flat_state(params)}
+
+
+def save_models(destination, components: dict[str, Any], note: dict[str, Any] | None = None) -> Path:
+    """Write modules (``{"unet": ..., "vae": ..., "image_encoder": ...}``) as a converted folder that
+    :func:`svd_jax.load` reads: per component ``config.json`` and an orbax ``params`` checkpoint in the modules'
+    parameter dtypes, plus ``manifest.json``. Written to a sibling folder and renamed at the end."""
+    import os
+    import shutil
+
+    destination = Path(destination).absolute()
+    tmp = destination.with_name(f".{destination.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    manifest = {"format": "svd_jax", "converter_version": None, "source": {"fine_tuned": note or {}},
+                "components": {}}
+    try:
+        for name, module in components.items():
+            arrays = _component_arrays(module)
+            folder = tmp / name
+            folder.mkdir()
+            save_params(folder, arrays)
+            module.config.save(folder / "config.json")
+            manifest["components"][name] = {
+                "layout": "fine-tuned", "config": module.config.to_dict(),
+                "num_params": int(sum(a.size for a in arrays.values())),
+                "dtypes": dict(Counter(a.dtype.name for a in arrays.values())), "ignored_source_keys": []}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        if destination.exists():
+            shutil.rmtree(destination)
+        tmp.rename(destination)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return destination

@@ -1,0 +1,42 @@
+"""Gradient checkpointing of the UNet's layers without changing its parameter paths.
+
+Every ``SpatioTemporalResBlock`` and ``TransformerSpatioTemporalModel`` instance gets a subclass whose
+``__call__`` is wrapped in ``nnx.remat``: the backward pass recomputes each layer's activations instead of
+keeping them, so activation memory grows with the number of layers' inputs rather than with everything inside
+them. Attribute paths (and so checkpoints and the optimizer state) are unchanged; the split graph definition
+records the subclasses, so the model rebuilt inside ``jax.jit`` is checkpointed too.
+"""
+
+from __future__ import annotations
+
+from flax import nnx
+
+from svd_jax.layers import SpatioTemporalResBlock
+from svd_jax.unet_blocks import TransformerSpatioTemporalModel
+
+# Both take (self, x, num_frames, temb_or_context); num_frames is a Python int.
+CHECKPOINTED_LAYERS = (SpatioTemporalResBlock, TransformerSpatioTemporalModel)
+_NUM_FRAMES_ARG = 2
+_SUBCLASSES: dict[type, type] = {}
+
+
+def _checkpointed(cls: type) -> type:
+    if cls not in _SUBCLASSES:
+        call = nnx.remat(cls.__call__, static_argnums=(_NUM_FRAMES_ARG,))
+
+        def __call__(self, x, num_frames, extra=None):
+            return call(self, x, num_frames, extra)
+
+        _SUBCLASSES[cls] = type(f"Checkpointed{cls.__name__}", (cls,),
+                                {"__call__": __call__, "__module__": __name__, "__doc__": cls.__doc__})
+    return _SUBCLASSES[cls]
+
+
+def checkpoint_layers(model) -> int:
+    """Checkpoint every resnet and transformer of ``model`` in place; returns how many layers were changed."""
+    count = 0
+    for _, node in nnx.iter_graph(model):
+        if type(node) in CHECKPOINTED_LAYERS:
+            node.__class__ = _checkpointed(type(node))
+            count += 1
+    return count

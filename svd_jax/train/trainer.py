@@ -1,0 +1,241 @@
+"""The training loop: models, data, the jitted step, logging, checkpoints, sample videos and the final export.
+
+``Trainer(config).run()`` trains until ``config.steps`` steps are done, resuming from the newest checkpoint in
+``output_dir/checkpoints`` if there is one. It writes:
+
+* ``output_dir/losses.csv``: one row per step (step, loss, grad_norm, learning_rate); on resume, rows after the
+  restored step are dropped first, so the file is always one consistent history;
+* ``output_dir/checkpoints/<step>/``: every ``checkpoint_every`` steps and at the end (see
+  :mod:`svd_jax.train.checkpoints`);
+* ``output_dir/samples/step-<step>.mp4``: every ``sample.every`` steps (if set);
+* ``output_dir/model/``: the fine-tuned UNet with the base VAE and image encoder, loadable with
+  :func:`svd_jax.load`.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from svd_jax import sharding
+from svd_jax.loader import SVDModels, load
+from svd_jax.policy import Policy
+from svd_jax.train.cache import CachedClips, build_cache
+from svd_jax.train.checkpoints import Checkpoints, save_models
+from svd_jax.train.conditioning import ClipFeatures, encode_clips
+from svd_jax.train.config import TrainConfig
+from svd_jax.train.data import VideoClips, prefetch
+from svd_jax.train.params import num_values, split_model
+from svd_jax.train.placement import check_batch_size, place_batch, place_tree
+from svd_jax.train.remat import checkpoint_layers
+from svd_jax.train.step import TrainState, TrainStep, init_state
+
+LOSS_COLUMNS = ("step", "loss", "grad_norm", "learning_rate")
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _encode_clips(vae_graph, vae_state, encoder_graph, encoder_state, frames, fps_id, motion_bucket_id):
+    return encode_clips(nnx.merge(vae_graph, vae_state), nnx.merge(encoder_graph, encoder_state), frames, fps_id,
+                        motion_bucket_id)
+
+
+class LossLog:
+    """``losses.csv``, appended step by step; ``truncate(step)`` drops the rows after ``step``."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def truncate(self, step: int) -> None:
+        rows = self.read()
+        self._write([r for r in rows if r["step"] <= step], "w")
+
+    def read(self) -> list[dict[str, float]]:
+        if not self.path.is_file():
+            return []
+        with self.path.open(newline="") as f:
+            return [{k: (int(v) if k == "step" else float(v)) for k, v in row.items()} for row in csv.DictReader(f)]
+
+    def append(self, rows: list[dict[str, float]]) -> None:
+        self._write(rows, "a")
+
+    def _write(self, rows, mode: str) -> None:
+        new = mode == "w" or not self.path.is_file()
+        with self.path.open(mode, newline="") as f:
+            writer = csv.DictWriter(f, LOSS_COLUMNS)
+            if new:
+                writer.writeheader()
+            writer.writerows(rows)
+
+
+class Trainer:
+    """Builds everything from a :class:`TrainConfig`; ``mesh`` (:func:`svd_jax.sharding.make_mesh`) trains data
+    parallel across its devices, with ``config.shard_params`` splitting parameters and optimizer state."""
+
+    def __init__(self, config: TrainConfig, mesh: Mesh | None = None, progress: bool = True):
+        self.config = config
+        self.mesh = mesh
+        self.progress = progress
+        self.output = Path(config.output_dir)
+        self.output.mkdir(parents=True, exist_ok=True)
+        check_batch_size(config.batch_size, mesh)
+
+        self.policy = Policy("float32", config.compute_dtype)
+        placer = sharding.param_sharder(mesh, config.shard_params) if mesh is not None else None
+        models = load(config.model, policy=self.policy, sharding=placer)
+        models.require("unet", "vae", "image_encoder")
+        if config.remat:
+            checkpoint_layers(models.unet)
+        self.unet, trainable, frozen = split_model(models.unet, config.optimizer.trainable)
+        self.base = SVDModels(models.path, models.policy, models.manifest, models.image_encoder, None, models.vae)
+        del models  # the UNet's arrays now live in the training state only (the step donates them)
+        self.vae_graph, self.vae_state = nnx.split(self.base.vae)
+        self.encoder_graph, self.encoder_state = nnx.split(self.base.image_encoder)
+        self.vae_state, self.encoder_state = (place_tree(s, mesh, False) for s in (self.vae_state, self.encoder_state))
+
+        self.clips = VideoClips(config.data, config.seed)
+        self.cached = None
+        if config.data.cache_dir:
+            model_id = str(config.model)
+            build_cache(self.clips, self.base.vae, self.base.image_encoder, config.data.cache_dir, model_id,
+                        progress=progress)
+            self.cached = CachedClips(self.clips, config.data.cache_dir, model_id)
+
+        self.step_fn = TrainStep(self.unet, self.base.vae, config.objective, config.optimizer, mesh,
+                                 config.shard_params)
+        self.state = place_tree(init_state(trainable, self.step_fn.optimizer, config.seed), mesh, config.shard_params)
+        self.frozen = place_tree(frozen, mesh, config.shard_params)
+        self.num_trainable, self.num_frozen = num_values(self.state.params), num_values(self.frozen)
+        self.position = 0  # clips consumed
+        self._step = 0
+        self.checkpoints = Checkpoints(self.output / "checkpoints", config.keep_checkpoints)
+        self.log = LossLog(self.output / "losses.csv")
+        self.restored_step = self._resume()
+
+    # ---- state ------------------------------------------------------------------------------------------
+
+    @property
+    def step(self) -> int:
+        """Completed steps, counted on the host (reading ``state.step`` would wait for the device)."""
+        return self._step
+
+    def _resume(self) -> int | None:
+        latest = self.checkpoints.latest()
+        if latest is None:
+            self.log.truncate(0)
+            return None
+        self.state, self.frozen, meta = self.checkpoints.restore(latest, self.state, self.frozen)
+        self.state = TrainState(*self.state) if not isinstance(self.state, TrainState) else self.state
+        self.position = int(meta["data_position"])
+        self._step = int(self.state.step)
+        self.log.truncate(latest)
+        return latest
+
+    def save_checkpoint(self) -> None:
+        meta = {"data_position": self.position, "step": self.step, "config": self.config.to_dict()}
+        self.checkpoints.save(self.step, self.state, self.frozen, meta)
+
+    def unet_module(self):
+        """The UNet with the current parameters (shares the state's arrays: use it before the next step)."""
+        return self.unet.merge(self.state.params, self.frozen)
+
+    # ---- data -------------------------------------------------------------------------------------------
+
+    def features(self, batch) -> ClipFeatures:
+        if self.cached is not None:
+            return place_batch(ClipFeatures(*(jax.numpy.asarray(a) for a in batch)), self.mesh)
+        frames, fps_id, motion = place_batch(tuple(jax.numpy.asarray(a) for a in batch), self.mesh)
+        return _encode_clips(self.vae_graph, self.vae_state, self.encoder_graph, self.encoder_state, frames, fps_id,
+                             motion)
+
+    # ---- loop -------------------------------------------------------------------------------------------
+
+    def run(self, until: int | None = None) -> list[dict[str, float]]:
+        """Train until ``until`` (default ``config.steps``) steps are done; returns this call's loss rows."""
+        from tqdm.auto import tqdm
+
+        c = self.config
+        until = c.steps if until is None else until
+        rows, pending = [], []
+        source = self.cached if self.cached is not None else self.clips
+        bar = tqdm(total=until, initial=self.step, desc="training", disable=not self.progress)
+        batches = prefetch(source, self.position, c.batch_size)
+        start = time.perf_counter()
+        try:
+            while self.step < until:
+                position, batch = next(batches)
+                assert position == self.position, (position, self.position)
+                self.state, metrics = self.step_fn(self.state, self.frozen, self.vae_state, self.features(batch))
+                self.position += c.batch_size
+                self._step += 1
+                pending.append((self.step, metrics))
+                step = self.step
+                if step % c.log_every == 0 or step == until:
+                    new = self._flush(pending)
+                    rows += new
+                    pending = []
+                    bar.set_postfix(loss=f"{new[-1]['loss']:.4f}", lr=f"{new[-1]['learning_rate']:.2e}")
+                bar.update(1)
+                if step % c.checkpoint_every == 0 or step == until:
+                    self.save_checkpoint()
+                if c.sample.every and (step % c.sample.every == 0 or step == until):
+                    self.write_sample()
+        finally:
+            rows += self._flush(pending)
+            batches.close()
+            bar.close()
+            self.checkpoints.wait()
+        if self.progress and rows:
+            elapsed = time.perf_counter() - start
+            print(f"{len(rows)} steps in {elapsed:.1f} s; last loss {rows[-1]['loss']:.5f}")
+        return rows
+
+    def _flush(self, pending) -> list[dict[str, float]]:
+        rows = [{"step": step, **{k: float(v) for k, v in jax.device_get(m).items()}} for step, m in pending]
+        if rows:
+            self.log.append(rows)
+        return rows
+
+    # ---- outputs ----------------------------------------------------------------------------------------
+
+    def models(self) -> SVDModels:
+        """The fine-tuned models (the UNet shares the training state's arrays: use before the next step)."""
+        return SVDModels(self.base.path, self.policy, self.base.manifest, self.base.image_encoder, self.unet_module(),
+                         self.base.vae)
+
+    def sample_image(self):
+        from svd_jax.preprocess import load_image
+
+        if self.config.sample.image:
+            return load_image(self.config.sample.image)
+        ref = self.clips.sampler(0)
+        return load_image(self.clips.read(ref, [ref.start])[0])
+
+    def write_sample(self, path=None) -> Path:
+        from svd_jax.pipeline import generate
+        from svd_jax.video import save_video
+
+        c, s = self.config, self.config.sample
+        path = Path(path) if path else self.output / "samples" / f"step-{self.step:07d}.mp4"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fps = float(self.clips.conditioning([self.clips.sampler(0)])[0][0]) + 1
+        frames = generate(self.sample_image(), self.models(), height=c.data.height, width=c.data.width,
+                          num_frames=c.data.num_frames, num_inference_steps=s.num_inference_steps,
+                          min_guidance_scale=s.min_guidance_scale, max_guidance_scale=s.max_guidance_scale,
+                          fps=int(fps), seed=s.seed, output_type="uint8", progress=False)
+        return save_video(frames[0], path, fps=fps)
+
+    def export(self, destination=None) -> Path:
+        """Write the fine-tuned models as a folder :func:`svd_jax.load` reads (default ``output_dir/model``)."""
+        destination = Path(destination) if destination else self.output / "model"
+        note: dict[str, Any] = {"base_model": str(self.config.model), "steps": self.step,
+                                "trainable": self.config.optimizer.trainable}
+        return save_models(destination, {"image_encoder": self.base.image_encoder, "unet": self.unet_module(),
+                                         "vae": self.base.vae}, note)
