@@ -135,6 +135,7 @@ class TrainConfig:
     compute_dtype: str = "bfloat16"  # parameters and optimizer state are always float32
     remat: bool = True  # gradient checkpointing of every UNet resnet and transformer
     shard_params: bool = False  # FSDP: split parameters and optimizer state across the devices
+    shard_min_size: int = 2 ** 18  # with shard_params, smaller parameters stay replicated
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
     log_every: int = 10
@@ -143,7 +144,7 @@ class TrainConfig:
         _check(bool(self.model), "model is required: a converted folder, a diffusers folder, a Hub id or 'tiny'")
         _check(bool(self.output_dir), "output_dir is required")
         _check(isinstance(self.data, DataConfig), "a [data] section with at least data.path is required")
-        for name in ("steps", "batch_size", "checkpoint_every", "keep_checkpoints", "log_every"):
+        for name in ("steps", "batch_size", "checkpoint_every", "keep_checkpoints", "log_every", "shard_min_size"):
             _positive(getattr(self, name), name)
         _check(self.compute_dtype in COMPUTE_DTYPES,
                f"compute_dtype must be one of {COMPUTE_DTYPES}, got {self.compute_dtype!r}")

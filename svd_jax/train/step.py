@@ -16,14 +16,13 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import Mesh
 
 from svd_jax import sharding
 from svd_jax.train.conditioning import ClipFeatures, training_batch
 from svd_jax.train.config import ObjectiveConfig, OptimizerConfig
 from svd_jax.train.objective import diffusion_loss, draw_diffusion_noise
 from svd_jax.train.params import SplitModel
-from svd_jax.train.placement import tree_shardings
+from svd_jax.train.placement import Layout, tree_shardings
 
 
 class TrainState(NamedTuple):
@@ -74,8 +73,7 @@ class StepSetup(NamedTuple):
     vae_graph: nnx.GraphDef
     objective: ObjectiveConfig
     optimizer: OptimizerConfig
-    mesh: Mesh | None = None
-    shard_params: bool = False
+    layout: Layout = Layout()
 
 
 def _inputs(setup: StepSetup, key, vae_params, features: ClipFeatures):
@@ -98,9 +96,9 @@ def _train_step(setup: StepSetup, state: TrainState, frozen: dict, vae_params, f
     new = TrainState(state.step + 1, params, opt_state, jax.random.key_data(rng))
     metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
                "learning_rate": learning_rate(setup.optimizer)(state.step)}
-    if setup.mesh is not None:  # keep the state's layout from step to step
-        new = jax.lax.with_sharding_constraint(new, tree_shardings(new, setup.mesh, setup.shard_params))
-        metrics = jax.lax.with_sharding_constraint(metrics, sharding.replicated(setup.mesh))
+    if setup.layout.mesh is not None:  # keep the state's layout from step to step
+        new = jax.lax.with_sharding_constraint(new, tree_shardings(new, setup.layout))
+        metrics = jax.lax.with_sharding_constraint(metrics, sharding.replicated(setup.layout.mesh))
     return new, metrics
 
 
@@ -120,8 +118,8 @@ class TrainStep:
     """
 
     def __init__(self, unet: SplitModel, vae, objective: ObjectiveConfig, optimizer_config: OptimizerConfig,
-                 mesh: Mesh | None = None, shard_params: bool = False):
-        self.setup = StepSetup(unet, nnx.split(vae)[0], objective, optimizer_config, mesh, shard_params)
+                 layout: Layout = Layout()):
+        self.setup = StepSetup(unet, nnx.split(vae)[0], objective, optimizer_config, layout)
         self.optimizer = make_optimizer(optimizer_config)
 
     def __call__(self, state: TrainState, frozen: dict, vae_params, features: ClipFeatures):

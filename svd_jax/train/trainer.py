@@ -25,7 +25,6 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from svd_jax import sharding
 from svd_jax.loader import SVDModels, load
 from svd_jax.policy import Policy
 from svd_jax.train.cache import CachedClips, build_cache
@@ -34,7 +33,7 @@ from svd_jax.train.conditioning import ClipFeatures, encode_clips
 from svd_jax.train.config import TrainConfig
 from svd_jax.train.data import VideoClips, prefetch
 from svd_jax.train.params import num_values, split_model
-from svd_jax.train.placement import check_batch_size, place_batch, place_tree
+from svd_jax.train.placement import Layout, check_batch_size, place_batch, place_tree
 from svd_jax.train.remat import checkpoint_layers
 from svd_jax.train.step import TrainState, TrainStep, init_state
 
@@ -85,11 +84,11 @@ class Trainer:
         self.progress = progress
         self.output = Path(config.output_dir)
         self.output.mkdir(parents=True, exist_ok=True)
-        check_batch_size(config.batch_size, mesh)
+        self.layout = Layout(mesh, config.shard_params, config.shard_min_size)
+        check_batch_size(config.batch_size, self.layout)
 
         self.policy = Policy("float32", config.compute_dtype)
-        placer = sharding.param_sharder(mesh, config.shard_params) if mesh is not None else None
-        models = load(config.model, policy=self.policy, sharding=placer)
+        models = load(config.model, policy=self.policy, sharding=self.layout.param_sharder())
         models.require("unet", "vae", "image_encoder")
         if config.remat:
             checkpoint_layers(models.unet)
@@ -98,7 +97,8 @@ class Trainer:
         del models  # the UNet's arrays now live in the training state only (the step donates them)
         self.vae_graph, self.vae_state = nnx.split(self.base.vae)
         self.encoder_graph, self.encoder_state = nnx.split(self.base.image_encoder)
-        self.vae_state, self.encoder_state = (place_tree(s, mesh, False) for s in (self.vae_state, self.encoder_state))
+        self.vae_state, self.encoder_state = (place_tree(s, self.layout, shard=False)
+                                              for s in (self.vae_state, self.encoder_state))
 
         self.clips = VideoClips(config.data, config.seed)
         self.cached = None
@@ -108,10 +108,9 @@ class Trainer:
                         progress=progress)
             self.cached = CachedClips(self.clips, config.data.cache_dir, model_id)
 
-        self.step_fn = TrainStep(self.unet, self.base.vae, config.objective, config.optimizer, mesh,
-                                 config.shard_params)
-        self.state = place_tree(init_state(trainable, self.step_fn.optimizer, config.seed), mesh, config.shard_params)
-        self.frozen = place_tree(frozen, mesh, config.shard_params)
+        self.step_fn = TrainStep(self.unet, self.base.vae, config.objective, config.optimizer, self.layout)
+        self.state = place_tree(init_state(trainable, self.step_fn.optimizer, config.seed), self.layout)
+        self.frozen = place_tree(frozen, self.layout)
         self.num_trainable, self.num_frozen = num_values(self.state.params), num_values(self.frozen)
         self.position = 0  # clips consumed
         self._step = 0
@@ -150,8 +149,8 @@ class Trainer:
 
     def features(self, batch) -> ClipFeatures:
         if self.cached is not None:
-            return place_batch(ClipFeatures(*(jax.numpy.asarray(a) for a in batch)), self.mesh)
-        frames, fps_id, motion = place_batch(tuple(jax.numpy.asarray(a) for a in batch), self.mesh)
+            return place_batch(ClipFeatures(*(jax.numpy.asarray(a) for a in batch)), self.layout)
+        frames, fps_id, motion = place_batch(tuple(jax.numpy.asarray(a) for a in batch), self.layout)
         return _encode_clips(self.vae_graph, self.vae_state, self.encoder_graph, self.encoder_state, frames, fps_id,
                              motion)
 
@@ -229,7 +228,7 @@ class Trainer:
         frames = generate(self.sample_image(), self.models(), height=c.data.height, width=c.data.width,
                           num_frames=c.data.num_frames, num_inference_steps=s.num_inference_steps,
                           min_guidance_scale=s.min_guidance_scale, max_guidance_scale=s.max_guidance_scale,
-                          fps=int(fps), seed=s.seed, output_type="uint8", progress=False)
+                          fps=int(fps), seed=s.seed, output_type="uint8", progress=False, mesh=self.mesh)
         return save_video(frames[0], path, fps=fps)
 
     def export(self, destination=None) -> Path:
