@@ -1,7 +1,7 @@
 """``svd-jax``: the command line.
 
 ``svd-jax generate IMAGE -o OUT.mp4 [--model PATH|HUB_ID|tiny] [--preset NAME] [generate options]``,
-``svd-jax convert SRC DST`` (as ``python -m convert``), ``svd-jax info DST``.
+``svd-jax convert SRC DST`` (as ``python -m convert``), ``svd-jax info DST``, ``svd-jax train CONFIG``.
 """
 
 from __future__ import annotations
@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     convert_parser(commands.add_parser("convert", help="convert a PyTorch checkpoint (same as python -m convert)"))
     info = commands.add_parser("info", help="describe a converted folder")
     info.add_argument("path", help="a folder written by the converter")
+    from svd_jax.train.cli import add_arguments as train_arguments
+
+    train_arguments(commands.add_parser("train", help="fine-tune the UNet (see svd_jax.train.config)"))
     return parser
 
 
@@ -117,6 +120,10 @@ def main(argv: list[str] | None = None) -> int:
         return run(args)
     if args.command == "generate":
         return _generate(args)
+    if args.command == "train":
+        from svd_jax.train.cli import run as train
+
+        return train(args)
     return _info(args)
 
 
