@@ -5,8 +5,10 @@ features, the fine-tuned model loads with ``svd_jax.load``, and ``svd-jax train`
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import svd_jax
 from parity import max_rel_err
@@ -45,9 +47,8 @@ def setup(tmp_path_factory):
     return root, write_base_model(root / "base"), write_frame_folders(root / "data", videos=2, frames=3)
 
 
-@pytest.fixture(scope="module")
-def trained(setup):
-    """One uninterrupted run, with the loss on a fixed batch and fixed noise before and after."""
+def test_loss_drops_5x(setup):
+    """The loss on a fixed batch with fixed noise (16 draws), before and after training."""
     root, base, data = setup
     trainer = Trainer(_config(root, base, data), progress=False)
     features = trainer.features(trainer.clips.batch(0, 2))
@@ -59,11 +60,7 @@ def trained(setup):
 
     before = evaluate()
     rows = trainer.run()
-    return trainer, rows, before, evaluate()
-
-
-def test_loss_drops_5x(trained):
-    trainer, rows, before, after = trained
+    after = evaluate()
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     print(f"fixed-noise loss {before:.4f} -> {after:.4f} ({before / after:.1f}x); training loss, first 10 steps "
           f"{np.mean([r['loss'] for r in rows[:10]]):.4f}, last 20 {np.mean([r['loss'] for r in rows[-20:]]):.4f}")
@@ -71,13 +68,16 @@ def test_loss_drops_5x(trained):
     assert LossLog(trainer.output / "losses.csv").read() == rows
 
 
-def test_resume_continues_bit_for_bit(trained, setup):
-    trainer, rows, _, _ = trained
+def test_resume_continues_bit_for_bit(setup):
     root, base, data = setup
+    rows = Trainer(_config(root, base, data, output_dir=str(root / "whole"), steps=7), progress=False).run()
     out = root / "resumed"
     first = Trainer(_config(root, base, data, output_dir=str(out), steps=4, checkpoint_every=2), progress=False)
     assert first.run() == rows[:4]
     assert first.checkpoints.steps() == [2, 4]
+    # the checkpoint written mid-run (training went on at once, donating the saved buffers) is intact too
+    assert first.restore(2) == 2 and first.position == 4
+    assert first.run() == rows[2:4]
     del first
     second = Trainer(_config(root, base, data, output_dir=str(out), steps=7), progress=False)
     assert second.restored_step == 4 and second.position == 8
@@ -85,10 +85,12 @@ def test_resume_continues_bit_for_bit(trained, setup):
     assert LossLog(out / "losses.csv").read() == rows[:7]
 
 
-def test_temporal_only_training_freezes_the_rest(setup):
+def test_temporal_only_training_freezes_the_rest_and_exports(setup):
     root, base, data = setup
-    config = _config(root, base, data, output_dir=str(root / "temporal"), steps=2, **{"optimizer.trainable": "temporal"})
+    config = _config(root, base, data, output_dir=str(root / "temporal"), steps=2, compute_dtype="bfloat16",
+                     **{"optimizer.trainable": "temporal"})
     trainer = Trainer(config, progress=False)
+    assert trainer.unet.merge(trainer.state.params, trainer.frozen).dtype == jnp.bfloat16
     before = {k: np.asarray(v) for k, v in {**trainer.state.params, **trainer.frozen}.items()}
     trainable = set(trainer.state.params)
     assert trainable and all(any(t in k for t in ("temporal_res_block", "temporal_transformer_blocks",
@@ -96,7 +98,12 @@ def test_temporal_only_training_freezes_the_rest(setup):
     assert not any("temporal" in k or "time_mixer" in k or "time_pos_embed" in k for k in trainer.frozen)
     moments = trainer.state.opt_state[1][0]  # adamw's ScaleByAdamState
     assert set(moments.mu) == trainable and set(moments.nu) == trainable
-    trainer.run()
+    rows = trainer.run()
+    assert all(np.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in rows)
+    # bfloat16 compute, float32 master weights and Adam moments
+    moments = trainer.state.opt_state[1][0]
+    assert {v.dtype for v in [*trainer.state.params.values(), *moments.mu.values(), *moments.nu.values()]} == {
+        jnp.dtype("float32")}
     after = {**trainer.state.params, **trainer.frozen}
     for key in trainer.frozen:
         assert np.array_equal(np.asarray(after[key]), before[key]), key
@@ -105,26 +112,20 @@ def test_temporal_only_training_freezes_the_rest(setup):
     unchanged = {k for k in trainable if np.array_equal(np.asarray(after[k]), before[k])}
     assert unchanged == {k for k in trainable if k.endswith("temporal_transformer_blocks.0.norm2.bias")}
 
-
-def test_export_loads_with_svd_jax_load(trained):
-    trainer, _, _, _ = trained
     path = trainer.export()
     models = svd_jax.load(path, policy=svd_jax.Policy.float32())
-    from flax import nnx
-
     _, params = nnx.split(models.unet, nnx.Param)
     loaded = {path_key(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(params)}
-    current = {**trainer.state.params, **trainer.frozen}
-    assert set(loaded) == set(current)
-    assert all(np.array_equal(loaded[k], np.asarray(current[k])) for k in loaded)
+    assert set(loaded) == set(after)
+    assert all(np.array_equal(loaded[k], np.asarray(after[k])) for k in loaded)
     manifest = json.loads((path / "manifest.json").read_text())
-    assert manifest["source"]["fine_tuned"]["steps"] == STEPS
+    assert manifest["source"]["fine_tuned"] == {"base_model": str(base), "steps": 2, "trainable": "temporal"}
     assert models.vae.config == trainer.base.vae.config
 
 
-def test_latent_cache_gives_the_on_the_fly_features(trained, setup):
-    trainer, _, _, _ = trained
-    root, _, _ = setup
+def test_latent_cache_gives_the_on_the_fly_features(setup):
+    root, base, data = setup
+    trainer = Trainer(_config(root, base, data, output_dir=str(root / "cached")), progress=False)
     build_cache(trainer.clips, trainer.base.vae, trainer.base.image_encoder, root / "cache", "test", progress=False)
     cached = CachedClips(trainer.clips, root / "cache", "test")
     for position in (0, 3):

@@ -15,11 +15,13 @@ from convert import rules
 from parity import convert_inprocess, max_rel_err, randomize
 from svd_jax.components import abstract_model
 from svd_jax.configs import UNetConfig
+from svd_jax.train.conditioning import ClipFeatures, training_batch
 from svd_jax.train.config import ObjectiveConfig
 from svd_jax.train.objective import (DiffusionNoise, TrainBatch, diffusion_loss, draw_diffusion_noise,
                                      drop_image_conditioning, sample_log_normal, v_weighting)
 from svd_jax.train.params import split_model
 from svd_jax.train.remat import checkpoint_layers
+from train_helpers import VAE, random_model
 from unet_helpers import DOWN_CROSS, tiny_unet_config
 
 # 64 channels in 32 groups: with one channel per group the GroupNorms would cancel the time embedding exactly.
@@ -134,3 +136,28 @@ def test_bad_noise_shape():
     noise = DiffusionNoise(jnp.ones((2,)), jnp.ones((2, 3, 4, 4, 3)), jnp.ones((2,)))
     with pytest.raises(ValueError, match="do not match latents"):
         diffusion_loss(None, batch, noise)
+
+
+def test_training_batch_augments_the_conditioning_frame_in_pixels():
+    """Video latents: posterior samples times scaling_factor; conditioning latent: posterior mean of the first
+    frame plus Gaussian pixel noise of a per-clip std that is also the third added time id."""
+    vae = random_model("vae", VAE, seed=4)
+    rng = np.random.default_rng(0)
+    frames = jnp.asarray(rng.uniform(-1, 1, (2, 32, 32, 3)), jnp.float32)
+    clean, _ = vae.encode(frames)
+    mean = jnp.asarray(rng.normal(size=(2, 3, 8, 8, 4)), jnp.float32)
+    logvar = jnp.asarray(rng.uniform(-3, 1, (2, 3, 8, 8, 4)), jnp.float32)
+    features = ClipFeatures(mean, logvar, jnp.ones((2, 16)), frames, jnp.array([6.0, 3.0]), jnp.array([127.0, 9.0]))
+
+    quiet = training_batch(vae, features, jax.random.key(0), ObjectiveConfig(
+        latent_sample=False, cond_aug_p_mean=float(np.log(1e-6)), cond_aug_p_std=0.0))
+    np.testing.assert_allclose(quiet.latents, mean * VAE.scaling_factor, rtol=1e-6)
+    np.testing.assert_allclose(quiet.added_time_ids, [[6.0, 127.0, 1e-6], [3.0, 9.0, 1e-6]], rtol=1e-5)
+    assert max_rel_err(quiet.cond_latents, clean) < 1e-4 and quiet.image_embeds.shape == (2, 1, 16)
+
+    noisy = training_batch(vae, features, jax.random.key(0), ObjectiveConfig(cond_aug_p_mean=float(np.log(0.5)),
+                                                                             cond_aug_p_std=0.0))
+    np.testing.assert_allclose(noisy.added_time_ids[:, 2], [0.5, 0.5], rtol=1e-6)
+    assert max_rel_err(noisy.cond_latents, clean) > 1e-2
+    eps = (noisy.latents / VAE.scaling_factor - mean) / jnp.exp(0.5 * logvar)
+    assert abs(float(eps.mean())) < 0.05 and abs(float(eps.std()) - 1) < 0.05

@@ -11,6 +11,8 @@ the optimizer state are all restored.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -18,13 +20,15 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import nnx
 
-from svd_jax.checkpoint import save_params
+from svd_jax.checkpoint import path_key, save_params
 from svd_jax.loader import MANIFEST
 
 
 class Checkpoints:
-    """``save(step, state, frozen, meta)``, ``latest()``, ``restore(step, state_like, frozen_like)``."""
+    """``save(step, state, frozen, meta)``, ``latest()``, ``restore(step, state_like, frozen_like)``,
+    ``discard_after(step)``."""
 
     def __init__(self, directory, keep: int):
         self.directory = Path(directory).absolute()
@@ -59,6 +63,12 @@ class Checkpoints:
         restored = self.manager.restore(int(step), args=ocp.args.Composite(**items))
         return restored["state"], (restored["frozen"] if frozen_like else {}), restored["meta"]
 
+    def discard_after(self, step: int) -> None:
+        """Delete the checkpoints of later steps (a run restored to ``step`` writes a new history after it)."""
+        self.manager.wait_until_finished()
+        for later in [s for s in self.steps() if s > step]:
+            self.manager.delete(later)
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
@@ -67,10 +77,6 @@ class Checkpoints:
 
 
 def _component_arrays(module) -> dict[str, np.ndarray]:
-    from flax import nnx
-
-    from svd_jax.checkpoint import path_key
-
     _, params = nnx.split(module, nnx.Param)
     return {path_key(path): np.asarray(jax.device_get(var.get_value())) for path, var in nnx.to_flat_state(params)}
 
@@ -79,9 +85,6 @@ def save_models(destination, components: dict[str, Any], note: dict[str, Any] | 
     """Write modules (``{"unet": ..., "vae": ..., "image_encoder": ...}``) as a converted folder that
     :func:`svd_jax.load` reads: per component ``config.json`` and an orbax ``params`` checkpoint in the modules'
     parameter dtypes, plus ``manifest.json``. Written to a sibling folder and renamed at the end."""
-    import os
-    import shutil
-
     destination = Path(destination).absolute()
     tmp = destination.with_name(f".{destination.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

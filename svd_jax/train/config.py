@@ -2,10 +2,11 @@
 
 Defaults and where they come from:
 
-* Noise levels (``objective.p_mean``, ``objective.p_std``): log sigma ~ N(0.7, 1.6^2). The original code's
-  ``EDMSampling`` defaults to (-1.2, 1.2), the EDM paper's image setting; the SVD paper shifts the distribution
-  to higher noise for high-resolution video, and (0.7, 1.6) is what public SVD image-to-video fine-tuning code
-  (e.g. SVD_Xtend's ``train_svd.py``) uses. Set (-1.2, 1.2) for sgm's defaults.
+* Noise levels (``objective.p_mean``, ``objective.p_std``): log sigma ~ N(0.7, 1.6^2), one sigma per clip. The
+  original code's ``EDMSampling`` defaults to (-1.2, 1.2), the EDM paper's image setting; the SVD paper reports
+  shifting the noise distribution towards higher noise for high-resolution video training (the released code
+  holds no training config), and (0.7, 1.6) is what public SVD image-to-video fine-tuning code (SVD_Xtend's
+  ``train_svd.py``) uses. Set (-1.2, 1.2) for sgm's defaults.
 * Loss weighting: sgm ``VWeighting`` = ``EDMWeighting(sigma_data=1)``, w = (sigma^2 + 1) / sigma^2, the weighting
   that belongs to the v-prediction scalings (``VScalingWithEDMcNoise``) SVD uses. Not configurable.
 * Conditioning-frame noise augmentation (``cond_aug_p_mean``, ``cond_aug_p_std``): per clip, the std of Gaussian
@@ -146,6 +147,7 @@ class TrainConfig:
         _check(isinstance(self.data, DataConfig), "a [data] section with at least data.path is required")
         for name in ("steps", "batch_size", "checkpoint_every", "keep_checkpoints", "log_every", "shard_min_size"):
             _positive(getattr(self, name), name)
+        _check(isinstance(self.seed, int) and self.seed >= 0, f"seed must be an integer >= 0, got {self.seed!r}")
         _check(self.compute_dtype in COMPUTE_DTYPES,
                f"compute_dtype must be one of {COMPUTE_DTYPES}, got {self.compute_dtype!r}")
 

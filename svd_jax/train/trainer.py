@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
+import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -87,14 +87,17 @@ class Trainer:
         self.layout = Layout(mesh, config.shard_params, config.shard_min_size)
         check_batch_size(config.batch_size, self.layout)
 
+        # float32 master weights computing in compute_dtype; the frozen encoders run in float32 (as diffusers'
+        # force_upcast VAE encode), so the latents and embeddings do not depend on compute_dtype.
         self.policy = Policy("float32", config.compute_dtype)
-        models = load(config.model, policy=self.policy, sharding=self.layout.param_sharder())
-        models.require("unet", "vae", "image_encoder")
+        unet = load(config.model, policy=self.policy, components=["unet"], sharding=self.layout.param_sharder()).unet
+        self.base = load(config.model, policy=Policy.float32(), components=["vae", "image_encoder"])
+        self.base.require("vae", "image_encoder")
+        self.base.unet = None
         if config.remat:
-            checkpoint_layers(models.unet)
-        self.unet, trainable, frozen = split_model(models.unet, config.optimizer.trainable)
-        self.base = SVDModels(models.path, models.policy, models.manifest, models.image_encoder, None, models.vae)
-        del models  # the UNet's arrays now live in the training state only (the step donates them)
+            checkpoint_layers(unet)
+        self.unet, trainable, frozen = split_model(unet, config.optimizer.trainable)
+        del unet  # its arrays live on in the training state only (each step donates and replaces them)
         self.vae_graph, self.vae_state = nnx.split(self.base.vae)
         self.encoder_graph, self.encoder_state = nnx.split(self.base.image_encoder)
         self.vae_state, self.encoder_state = (place_tree(s, self.layout, shard=False)
@@ -116,7 +119,10 @@ class Trainer:
         self._step = 0
         self.checkpoints = Checkpoints(self.output / "checkpoints", config.keep_checkpoints)
         self.log = LossLog(self.output / "losses.csv")
-        self.restored_step = self._resume()
+        latest = self.checkpoints.latest()
+        self.restored_step = None if latest is None else self.restore(latest)
+        if latest is None:
+            self.log.truncate(0)
 
     # ---- state ------------------------------------------------------------------------------------------
 
@@ -125,17 +131,16 @@ class Trainer:
         """Completed steps, counted on the host (reading ``state.step`` would wait for the device)."""
         return self._step
 
-    def _resume(self) -> int | None:
-        latest = self.checkpoints.latest()
-        if latest is None:
-            self.log.truncate(0)
-            return None
-        self.state, self.frozen, meta = self.checkpoints.restore(latest, self.state, self.frozen)
-        self.state = TrainState(*self.state) if not isinstance(self.state, TrainState) else self.state
+    def restore(self, step: int) -> int:
+        """Continue from checkpoint ``step`` (training state, frozen parameters, data position); later checkpoints
+        and the loss log's rows after it are dropped."""
+        state, self.frozen, meta = self.checkpoints.restore(step, self.state, self.frozen)
+        self.checkpoints.discard_after(step)
+        self.state = state if isinstance(state, TrainState) else TrainState(*state)
         self.position = int(meta["data_position"])
         self._step = int(self.state.step)
-        self.log.truncate(latest)
-        return latest
+        self.log.truncate(step)
+        return step
 
     def save_checkpoint(self) -> None:
         meta = {"data_position": self.position, "step": self.step, "config": self.config.to_dict()}
@@ -149,8 +154,8 @@ class Trainer:
 
     def features(self, batch) -> ClipFeatures:
         if self.cached is not None:
-            return place_batch(ClipFeatures(*(jax.numpy.asarray(a) for a in batch)), self.layout)
-        frames, fps_id, motion = place_batch(tuple(jax.numpy.asarray(a) for a in batch), self.layout)
+            return place_batch(ClipFeatures(*(jnp.asarray(a) for a in batch)), self.layout)
+        frames, fps_id, motion = place_batch(tuple(jnp.asarray(a) for a in batch), self.layout)
         return _encode_clips(self.vae_graph, self.vae_state, self.encoder_graph, self.encoder_state, frames, fps_id,
                              motion)
 
