@@ -136,11 +136,18 @@ def test_latent_cache_gives_the_on_the_fly_features(setup):
     with pytest.raises(ValueError, match="not an up-to-date latent cache"):
         CachedClips(trainer.clips, root / "cache", "another model")
 
+    # training from the cache (built by the trainer) sees the same clips
+    from_cache = Trainer(_config(root, base, data, output_dir=str(root / "from_cache"), steps=2,
+                                 **{"data.cache_dir": str(root / "cache2")}), progress=False)
+    assert (root / "cache2" / "index.json").is_file()
+    for a, e in zip(from_cache.run(), trainer.run(2)):
+        assert abs(a["loss"] - e["loss"]) <= 1e-4 * e["loss"]
+
 
 def test_cli_trains_resumes_and_writes_samples(setup, capsys):
     root, base, data = setup
     values = json.loads(json.dumps(_config(root, base, data).to_dict()))
-    values.update(output_dir=str(root / "cli"), steps=2, log_every=1)
+    values.update(output_dir=str(root / "cli"), steps=2, log_every=1, checkpoint_every=1, keep_checkpoints=2)
     values["sample"] = {"every": 2, "num_inference_steps": 2}
     (root / "train.json").write_text(json.dumps(values))
     assert main([str(root / "train.json"), "--no-progress", "--single-device"]) == 0
@@ -151,5 +158,6 @@ def test_cli_trains_resumes_and_writes_samples(setup, capsys):
                  "--set", "sample.every=0"]) == 0
     assert "resuming at step 2" in capsys.readouterr().out
     assert [r["step"] for r in LossLog(root / "cli" / "losses.csv").read()] == [1, 2, 3]
+    assert sorted(p.name for p in (root / "cli" / "checkpoints").iterdir()) == ["2", "3"]  # the last two kept
     assert main([str(root / "train.json"), "--set", "optimizer.trainable=\"nothing\""]) == 2
     assert "optimizer.trainable must be one of" in capsys.readouterr().err

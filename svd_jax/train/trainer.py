@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -106,7 +107,8 @@ class Trainer:
         self.clips = VideoClips(config.data, config.seed)
         self.cached = None
         if config.data.cache_dir:
-            model_id = str(config.model)
+            encoders = {k: v for k, v in self.base.manifest.get("components", {}).items() if k != "unet"}
+            model_id = f"{config.model} {json.dumps(encoders, sort_keys=True)}"
             build_cache(self.clips, self.base.vae, self.base.image_encoder, config.data.cache_dir, model_id,
                         progress=progress)
             self.cached = CachedClips(self.clips, config.data.cache_dir, model_id)
