@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from svd_jax.train.conditioning import ClipFeatures, encode_frames
-from svd_jax.train.data import VideoClips, fit_frame, to_unit_range
+from svd_jax.train.data import VideoClips, fit_frame, to_minus1_1
 
 INDEX_FILE = "index.json"
 ARRAYS = ("latent_mean", "latent_logvar", "image_embeds")
@@ -50,7 +50,7 @@ def _encode_video(entry, clips: VideoClips, encoders, folder: Path, chunk: int) 
         block = [f for _, f in zip(range(chunk), frames)]
         n = len(block)
         padded = np.concatenate([np.stack(block), np.zeros((chunk - n, *block[0].shape), np.uint8)])
-        results = jax.device_get(_encode(vae_graph, vae_state, enc_graph, enc_state, to_unit_range(padded)))
+        results = jax.device_get(_encode(vae_graph, vae_state, enc_graph, enc_state, to_minus1_1(padded)))
         if outputs is None:
             outputs = {name: np.lib.format.open_memmap(tmp / f"{name}.npy", "w+", np.float32,
                                                        (entry.num_frames, *r.shape[1:]))
@@ -111,5 +111,5 @@ class CachedClips:
             embeds.append(arrays["image_embeds"][ref.start])
             firsts.append(self.clips.read(ref, [ref.start])[0])
         fps_id, motion = self.clips.conditioning(refs)
-        return ClipFeatures(np.stack(means), np.stack(logvars), np.stack(embeds), to_unit_range(np.stack(firsts)),
+        return ClipFeatures(np.stack(means), np.stack(logvars), np.stack(embeds), to_minus1_1(np.stack(firsts)),
                             fps_id, motion)

@@ -81,16 +81,19 @@ def _component_arrays(module) -> dict[str, np.ndarray]:
     return {path_key(path): np.asarray(jax.device_get(var.get_value())) for path, var in nnx.to_flat_state(params)}
 
 
-def save_models(destination, components: dict[str, Any], note: dict[str, Any] | None = None) -> Path:
+def save_models(destination, components: dict[str, Any], note: dict[str, Any] | None = None,
+                base_manifest: dict[str, Any] | None = None) -> Path:
     """Write modules (``{"unet": ..., "vae": ..., "image_encoder": ...}``) as a converted folder that
     :func:`svd_jax.load` reads: per component ``config.json`` and an orbax ``params`` checkpoint in the modules'
-    parameter dtypes, plus ``manifest.json``. Written to a sibling folder and renamed at the end."""
+    parameter dtypes, plus ``manifest.json`` (``note`` and the base model's source recorded under ``source``).
+    Written to a sibling folder and renamed at the end."""
     destination = Path(destination).absolute()
     tmp = destination.with_name(f".{destination.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    manifest = {"format": "svd_jax", "converter_version": None, "source": {"fine_tuned": note or {}},
-                "components": {}}
+    base_manifest = base_manifest or {}
+    manifest = {"format": "svd_jax", "converter_version": base_manifest.get("converter_version"),
+                "source": {"fine_tuned": note or {}, "base": base_manifest.get("source")}, "components": {}}
     try:
         for name, module in components.items():
             arrays = _component_arrays(module)

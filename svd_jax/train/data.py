@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import json
 import warnings
 from pathlib import Path
@@ -155,10 +156,13 @@ class ClipSampler:
         self.span = (config.num_frames - 1) * config.frame_stride + 1
         self.seed = seed
 
+    @functools.lru_cache(maxsize=4)
+    def _order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.lengths))
+
     def __call__(self, position: int) -> ClipRef:
-        n = len(self.lengths)
-        epoch, index = divmod(int(position), n)
-        video = int(np.random.default_rng([self.seed, epoch]).permutation(n)[index])
+        epoch, index = divmod(int(position), len(self.lengths))
+        video = int(self._order(epoch)[index])
         start = int(np.random.default_rng([self.seed, epoch, index, 1]).integers(
             0, self.lengths[video] - self.span + 1))
         return ClipRef(video, start)
@@ -201,10 +205,10 @@ class VideoClips:
     def batch(self, position: int, batch_size: int) -> PixelBatch:
         refs = [self.sampler(position + i) for i in range(batch_size)]
         frames = np.stack([self.read(r, self.frame_indices(r)) for r in refs])
-        return PixelBatch(to_unit_range(frames), *self.conditioning(refs))
+        return PixelBatch(to_minus1_1(frames), *self.conditioning(refs))
 
 
-def to_unit_range(frames: np.ndarray) -> np.ndarray:
+def to_minus1_1(frames: np.ndarray) -> np.ndarray:
     """uint8 -> float32 in [-1, 1], as the pipeline prepares images: 2 * (x / 255) - 1."""
     return np.float32(2.0) * (frames.astype(np.float32) / np.float32(255.0)) - np.float32(1.0)
 

@@ -244,4 +244,4 @@ class Trainer:
         note: dict[str, Any] = {"base_model": str(self.config.model), "steps": self.step,
                                 "trainable": self.config.optimizer.trainable}
         return save_models(destination, {"image_encoder": self.base.image_encoder, "unet": self.unet_module(),
-                                         "vae": self.base.vae}, note)
+                                         "vae": self.base.vae}, note, self.base.manifest)
