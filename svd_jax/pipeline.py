@@ -9,6 +9,7 @@ video generated alone, and tests can inject the noise the PyTorch pipeline used.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Callable, NamedTuple, Sequence
 
@@ -102,11 +103,45 @@ def _draw_noise(seeds: list[int], image_shape, latent_shape):
     return jnp.stack(aug), jnp.stack(lat)
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _encode_image(graph, compute, state, clip_pixels):
+    return nnx.merge(graph, state)(clip_pixels.astype(compute)).astype(jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _encode_latents(graph, state, pixels):
+    vae = nnx.merge(graph, state)
+    mean, _ = vae.encode(pixels.astype(vae.encoder.conv_in.dtype))
+    return mean.astype(jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(4,))
+def _denoise_step(graph, compute, mesh, state, latents, sigma, sigma_next, c_noise, cond: Conditioning):
+    """One Euler step: the UNet on [uncond, cond] rows (or cond only), guidance, the update; float32 state."""
+    unet = nnx.merge(graph, state)
+    guided = cond.guidance_scales is not None
+    model_in = jnp.concatenate([latents, latents]) if guided else latents
+    scaled = scheduler.scale_model_input(model_in, sigma)
+    image_latents = jnp.broadcast_to(cond.image_latents[:, None], scaled.shape[:-1] + cond.image_latents.shape[-1:])
+    unet_in = jnp.concatenate([scaled, image_latents], axis=-1).astype(compute)
+    if mesh is not None:  # the videos and both guidance halves are rows of one batch: split them
+        unet_in = jax.lax.with_sharding_constraint(unet_in, sharding.rows(mesh, unet_in.shape[0], unet_in.ndim))
+    timestep = jnp.full((unet_in.shape[0],), c_noise, jnp.float32)
+    out = unet(unet_in, timestep, cond.image_embeds.astype(compute),
+               cond.added_time_ids.astype(compute)).astype(jnp.float32)
+    if guided:
+        uncond, cond_out = jnp.split(out, 2)
+        out = scheduler.apply_guidance(uncond, cond_out, cond.guidance_scales)
+    return scheduler.euler_step(latents, out, sigma, sigma_next)
+
+
 class _Compiled:
-    """Jitted calls of one loaded model set, cached per (models, policy) so repeated generation never retraces."""
+    """The split (and, with a mesh, placed) weights of one model set. The jitted functions above take the graph
+    as a static argument, so any model set of the same structure reuses their compilations."""
 
     def __init__(self, models: SVDModels, mesh: Mesh | None):
         self.mesh = mesh
+        self.compute = models.policy.compute
         self.unet_graph, self.unet_state = nnx.split(models.unet)
         self.encoder_graph, self.encoder_state = nnx.split(models.image_encoder)
         vae = models.vae
@@ -118,36 +153,16 @@ class _Compiled:
             self.unet_state, self.encoder_state, self.vae_state = (
                 jax.tree.map(lambda a: a if _on_mesh(a, mesh) else jax.device_put(a, sharding.replicated(mesh)), s)
                 for s in (self.unet_state, self.encoder_state, self.vae_state))
-        self.compute = models.policy.compute
-        self.encode_image = jax.jit(self._encode_image)
-        self.encode_latents = jax.jit(self._encode_latents)
-        self.step = jax.jit(self._step, donate_argnums=(1,))
 
-    def _encode_image(self, state, clip_pixels):
-        return nnx.merge(self.encoder_graph, state)(clip_pixels.astype(self.compute)).astype(jnp.float32)
+    def encode_image(self, clip_pixels):
+        return _encode_image(self.encoder_graph, self.compute, self.encoder_state, clip_pixels)
 
-    def _encode_latents(self, state, pixels):
-        vae = nnx.merge(self.vae_graph, state)
-        mean, _ = vae.encode(pixels.astype(vae.encoder.conv_in.dtype))
-        return mean.astype(jnp.float32)
+    def encode_latents(self, pixels):
+        return _encode_latents(self.vae_graph, self.vae_state, pixels)
 
-    def _step(self, state, latents, sigma, sigma_next, c_noise, cond: Conditioning):
-        unet = nnx.merge(self.unet_graph, state)
-        guided = cond.guidance_scales is not None
-        model_in = jnp.concatenate([latents, latents]) if guided else latents
-        scaled = scheduler.scale_model_input(model_in, sigma)
-        image_latents = jnp.broadcast_to(cond.image_latents[:, None], scaled.shape[:-1] + cond.image_latents.shape[-1:])
-        unet_in = jnp.concatenate([scaled, image_latents], axis=-1).astype(self.compute)
-        if self.mesh is not None:  # the videos and both guidance halves are rows of one batch: split them
-            unet_in = jax.lax.with_sharding_constraint(unet_in, sharding.rows(self.mesh, *unet_in.shape[:1],
-                                                                              unet_in.ndim))
-        timestep = jnp.full((unet_in.shape[0],), c_noise, jnp.float32)
-        out = unet(unet_in, timestep, cond.image_embeds.astype(self.compute),
-                   cond.added_time_ids.astype(self.compute)).astype(jnp.float32)
-        if guided:
-            uncond, cond_out = jnp.split(out, 2)
-            out = scheduler.apply_guidance(uncond, cond_out, cond.guidance_scales)
-        return scheduler.euler_step(latents, out, sigma, sigma_next)
+    def step(self, latents, sigma, sigma_next, c_noise, cond: Conditioning):
+        return _denoise_step(self.unet_graph, self.compute, self.mesh, self.unet_state, latents, sigma, sigma_next,
+                             c_noise, cond)
 
 
 def _on_mesh(array, mesh: Mesh) -> bool:
@@ -225,10 +240,12 @@ def generate(
         latent_noise = _checked_array(latents, (batch, *latent_shape), "latents")
 
     fns = _compiled(model, mesh)
-    clip_pixels = jnp.concatenate([preprocess.clip_preprocess(preprocess.clip_input(im)) for im in images])
-    embeds = fns.encode_image(fns.encoder_state, clip_pixels)[:, None, :]
+    clip_size = model.image_encoder.config.image_size
+    clip_pixels = jnp.concatenate([preprocess.clip_preprocess(preprocess.clip_input(im), size=clip_size)
+                                   for im in images])
+    embeds = fns.encode_image(clip_pixels)[:, None, :]
     pixels = jnp.stack([preprocess.prepare_image(im, height, width) for im in images])
-    image_latents = fns.encode_latents(fns.vae_state, pixels + noise_aug_strength * aug_noise)
+    image_latents = fns.encode_latents(pixels + noise_aug_strength * aug_noise)
     time_ids = jnp.tile(jnp.asarray([[fps - 1, motion_bucket_id, noise_aug_strength]], jnp.float32), (batch, 1))
     if guided:
         embeds = jnp.concatenate([jnp.zeros_like(embeds), embeds])
@@ -241,7 +258,7 @@ def generate(
     steps = tqdm(range(sched.num_steps), desc="denoising", disable=not progress)
     for i in steps:
         sigma, sigma_next = sched.sigmas[i], sched.sigmas[i + 1]
-        x = fns.step(fns.unet_state, x, sigma, sigma_next, sched.timesteps[i], cond)
+        x = fns.step(x, sigma, sigma_next, sched.timesteps[i], cond)
         if callback_on_step_end is not None:
             replaced = callback_on_step_end(i, float(sigma), x)
             if replaced is not None:

@@ -72,12 +72,13 @@ def test_batch_equals_alone_and_seed_determinism(converted):
 def test_guidance_off_skips_the_unconditional_half(converted, monkeypatch):
     _, models = converted
     fresh = svd_jax.SVDModels(models.path, models.policy, models.manifest, models.image_encoder, models.unet,
-                              models.vae)  # a new object: its step is traced anew
+                              models.vae)
 
     def refuse(*args):
         raise AssertionError("guidance was applied although max_guidance_scale <= 1")
 
     monkeypatch.setattr(pipeline.scheduler, "apply_guidance", refuse)
+    jax.clear_caches()  # trace the step anew, so the refusing apply_guidance is what a guided trace would call
     frames = svd_jax.generate(random_image(32, 32, 3), fresh, num_frames=2, num_inference_steps=1, height=32,
                               width=32, max_guidance_scale=1.0, seed=0, progress=False, output_type="uint8")
     assert frames.dtype == np.uint8 and frames.shape == (1, 2, 32, 32, 3)
@@ -95,6 +96,15 @@ def test_callback_can_replace_latents(converted):
                            width=32, seed=0, progress=False, output_type="latent", callback_on_step_end=callback)
     assert [s for s, _, _ in seen] == [0, 1] and seen[0][1] == pytest.approx(700.0)
     np.testing.assert_array_equal(np.asarray(out), 0.0)
+    # another model set of the same structure (e.g. fine-tuned weights) reuses the compiled step
+    sizes = []
+    for _ in range(2):
+        copy = svd_jax.SVDModels(models.path, models.policy, models.manifest, models.image_encoder, models.unet,
+                                 models.vae)
+        svd_jax.generate(random_image(32, 32, 4), copy, num_frames=2, num_inference_steps=2, height=32, width=32,
+                         seed=1, progress=False, output_type="latent")
+        sizes.append(pipeline._denoise_step._cache_size())
+    assert sizes[0] == sizes[1]
 
 
 @pytest.mark.parametrize("kwargs, message", [
