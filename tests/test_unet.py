@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 from diffusers import UNetSpatioTemporalConditionModel as TorchUNet
-from flax import nnx
 from safetensors.torch import save_file
 
 import svd_jax
