@@ -26,7 +26,7 @@ import numpy as np
 
 from convert.errors import ConversionError
 from convert.reader import SafetensorsFile
-from convert.rules import Transform
+from convert.rules import Transform, transformed_shape
 from svd_jax.configs import CLIPVisionConfig, UNetConfig, VAEConfig
 
 COMPONENTS = ("image_encoder", "unet", "vae")
@@ -47,11 +47,8 @@ class TensorRef:
     transform: Transform | None = None
 
     @property
-    def shape(self) -> tuple[int, ...]:
-        shape = self.file.shape(self.key)
-        if self.transform is None:
-            return shape
-        return tuple(self.transform(np.broadcast_to(np.zeros((), np.uint8), shape)).shape)
+    def shape(self) -> tuple[int, ...] | None:
+        return transformed_shape(self.transform, self.file.shape(self.key))
 
     def read(self) -> np.ndarray:
         array = self.file.get(self.key)

@@ -107,14 +107,15 @@ def plan(component: str, expected: dict[str, Target], source_keys: dict[str, tup
                               + "; ".join(parts) + " (wrong model, or pass --config for a non-standard size)")
     for key, target in expected.items():
         shape = source_keys[key]
-        out_shape = _transformed_shape(target.transform, shape)
+        out_shape = transformed_shape(target.transform, shape)
         if out_shape != target.shape:
             raise ConversionError(f"{component}: key {key!r} has shape {list(shape)}, the {component} config needs "
                                   f"{list(_untransformed_shape(target, shape))} (pass --config for a non-standard size)")
     return ignored
 
 
-def _transformed_shape(transform: Transform | None, shape: tuple[int, ...]) -> tuple[int, ...] | None:
+def transformed_shape(transform: Transform | None, shape: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The shape ``transform`` gives an array of ``shape``, computed on a zero-size view (None if it refuses)."""
     if transform is None:
         return tuple(shape)
     try:
