@@ -1,10 +1,10 @@
 """svd_jax generation benchmark: full-size SVD-XT with random weights (no download), on one accelerator.
 
-Measures seconds per video and per step, VAE decode seconds, peak device memory, first-call compile seconds and
-a warm second process's seconds to its first step (persistent compilation cache), and a bf16-vs-fp32 check of one
-full-size UNet evaluation against a float32 PyTorch reference (TF32 off) when torch and diffusers are installed.
-Writes JSON to ``--out`` (default ``$OUT/svd_jax.json``). Run the diffusers baseline in the same call, on the
-same card, for the comparison (see benchmarks/README.md).
+Measures, in this order: a cold process's time to its first denoising step (compilation with an empty persistent
+cache), seconds per video and per step, peak device memory, VAE decode seconds, and a warm second process's time
+to its first step (persistent compilation cache), which then generates a whole video under a 20 GiB memory limit
+(a 24 GB card). Writes JSON to ``--out`` (default ``$OUT/svd_jax.json``) after every figure, so a run cut short
+keeps what it measured. Run the diffusers baseline in the same call, on the same card (see benchmarks/README.md).
 
     python benchmarks/bench_generate.py                 # full size on the default accelerator
     python benchmarks/bench_generate.py --size tiny     # the same code path in seconds, e.g. on CPU
@@ -12,28 +12,34 @@ same card, for the comparison (see benchmarks/README.md).
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import subprocess
-import sys
-import tempfile
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+PROCESS_START = time.time()  # before the heavy imports: a process's time to first step includes them
 
-import svd_jax
-from svd_jax.configs import CLIPVisionConfig, UNetConfig, VAEConfig
-from svd_jax.loader import random_models
-from svd_jax.vae import decode_latents
+import argparse  # noqa: E402
+import importlib.metadata  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import traceback  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import svd_jax  # noqa: E402
+from svd_jax.configs import CLIPVisionConfig, UNetConfig, VAEConfig  # noqa: E402
+from svd_jax.loader import random_models  # noqa: E402
+from svd_jax.vae import decode_latents  # noqa: E402
 
 SIZES = {
     # frames, height, width, steps, decode chunk
     "full": dict(num_frames=25, height=576, width=1024, num_inference_steps=25, decode_chunk_size=8),
     "tiny": dict(num_frames=4, height=64, width=96, num_inference_steps=3, decode_chunk_size=2),
 }
+SMALL_CARD_GIB = 20  # what a 24 GB card leaves a process, with room for the driver and other allocations
 
 
 def configs(size: str) -> dict:
@@ -42,10 +48,38 @@ def configs(size: str) -> dict:
     return {"image_encoder": CLIPVisionConfig.tiny(), "unet": UNetConfig.tiny(), "vae": VAEConfig.tiny()}
 
 
+class NormalPool:
+    """Unit normals cut from one pre-drawn pool at random offsets: the full-size models' 2.2e9 weights in
+    seconds instead of the tens of seconds fresh draws take (speed does not depend on the values)."""
+
+    def __init__(self, size: int = 1 << 24, seed: int = 0):
+        self.values = np.random.default_rng(seed).standard_normal(size, dtype=np.float32)
+
+    def __call__(self, rng: np.random.Generator, shape) -> np.ndarray:
+        n = int(np.prod(shape))
+        if n > self.values.size:
+            return np.resize(self.values, n).reshape(shape)
+        start = int(rng.integers(0, self.values.size - n + 1))
+        return self.values[start:start + n].reshape(shape)
+
+
+def build_models(size: str, policy: svd_jax.Policy):
+    return random_models(configs(size), policy, draw=NormalPool())
+
+
+def policy_for(args) -> svd_jax.Policy:
+    return getattr(svd_jax.Policy, args.policy)(args.attention)
+
+
 def peak_gib() -> float | None:
     stats = jax.local_devices()[0].memory_stats() or {}
     peak = stats.get("peak_bytes_in_use")
     return None if peak is None else round(peak / 2 ** 30, 2)
+
+
+def test_image(size: str) -> np.ndarray:
+    settings = SIZES[size]
+    return (np.random.default_rng(0).random((settings["height"], settings["width"], 3)) * 255).astype(np.uint8)
 
 
 class Results(dict):
@@ -59,86 +93,82 @@ class Results(dict):
         with open(self.path, "w") as f:
             json.dump(self, f, indent=1)
 
+    def section(self, name: str, fn, *args):
+        """Run one measurement; a failure is recorded and the next measurement still runs."""
+        try:
+            return fn(*args)
+        except Exception as e:  # noqa: BLE001 - a benchmark reports every failure and goes on
+            traceback.print_exc()
+            self.log(f"{name}_error", f"{type(e).__name__}: {str(e)[:1000]}")
+            return None
 
-def first_step_seconds(size: str, policy: str) -> float:
-    """In this process: from nothing to the first denoising step done (load, compile or cache hit, one step)."""
-    start = time.perf_counter()
-    models = random_models(configs(size), getattr(svd_jax.Policy, policy)())
-    svd_jax.loader.enable_compilation_cache()
-    image = np.zeros((SIZES[size]["height"], SIZES[size]["width"], 3), np.uint8)
-    svd_jax.generate(image, models, **{**SIZES[size], "num_inference_steps": 1}, output_type="latent", seed=0,
+
+def first_step(models, size: str) -> None:
+    settings = {**SIZES[size], "num_inference_steps": 1}
+    svd_jax.generate(test_image(size), models, **settings, output_type="latent", seed=0,
                      progress=False).block_until_ready()
-    return time.perf_counter() - start
 
 
-def unet_bf16_vs_fp32(results: Results) -> None:
-    """One full-size UNet evaluation: svd_jax bf16 against diffusers in float32 (TF32 off), same random weights
-    through the real converter. Reports the relative L2 error."""
+def warm_child(args) -> int:
+    """The warm second process: from process start to its first step, then one whole video, under the memory
+    limit the parent set. Prints one JSON line per figure."""
+    svd_jax.loader.enable_compilation_cache()
+    start = time.time()
+    models = build_models(args.size, policy_for(args))
+    weights = time.time()
+    first_step(models, args.size)
+    done = time.time()
+    print(json.dumps({"warm_process_first_step_s": round(done - PROCESS_START, 2),
+                      "warm_weights_s": round(weights - start, 2),
+                      "warm_first_step_after_weights_s": round(done - weights, 2)}), flush=True)
+    start = time.perf_counter()
+    frames = svd_jax.generate(test_image(args.size), models, seed=0, progress=False, **SIZES[args.size])
+    print(json.dumps({"limited_memory_generate_s": round(time.perf_counter() - start, 2),
+                      "limited_memory_peak_GiB": peak_gib(),
+                      "limited_memory_frames_finite": bool(np.isfinite(frames).all())}), flush=True)
+    return 0
+
+
+def device_memory_limit_fraction(limit_gib: float) -> str | None:
+    """XLA_PYTHON_CLIENT_MEM_FRACTION that caps a process at ``limit_gib`` on this GPU (None off GPU)."""
+    if jax.default_backend() != "gpu":
+        return None
     try:
-        import torch
-        from diffusers import UNetSpatioTemporalConditionModel
-    except ImportError as e:
-        results.log("bf16_vs_fp32", f"skipped ({e})")
-        return
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    from convert import convert
-
-    torch.manual_seed(0)
-    unet = UNetSpatioTemporalConditionModel().eval()
-    with tempfile.TemporaryDirectory() as tmp:
-        unet.save_pretrained(f"{tmp}/src/unet")
-        convert(f"{tmp}/src", f"{tmp}/dst", hash_sources=False)
-        models = svd_jax.load(f"{tmp}/dst", policy=svd_jax.Policy.bfloat16())
-    g = torch.Generator().manual_seed(1)
-    sample = torch.randn(2, 25, 8, 72, 128, generator=g)
-    timestep = torch.tensor([1.0, 1.0])
-    context = torch.randn(2, 1, 1024, generator=g)
-    ids = torch.tensor([[6.0, 127.0, 0.02]] * 2)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    with torch.no_grad():
-        expected = unet.to(device)(sample.to(device), timestep.to(device), context.to(device), ids.to(device)).sample
-    expected = expected.permute(0, 1, 3, 4, 2).float().cpu().numpy()
-    del unet
-    actual = jax.jit(lambda m, *a: m(*a))(models.unet, jnp.asarray(sample.permute(0, 1, 3, 4, 2).numpy(), jnp.bfloat16),
-                                          jnp.asarray(timestep.numpy()), jnp.asarray(context.numpy(), jnp.bfloat16),
-                                          jnp.asarray(ids.numpy(), jnp.bfloat16))
-    actual = np.asarray(actual, np.float32)
-    rel_l2 = float(np.linalg.norm(actual - expected) / np.linalg.norm(expected))
-    results.log("unet_bf16_vs_torch_fp32_rel_l2", rel_l2)
-    results.log("unet_bf16_finite", bool(np.isfinite(actual).all()))
+        total = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+                               capture_output=True, text=True, check=True).stdout.split()[0]
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        return None
+    return f"{limit_gib * 1024 / float(total):.4f}"
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", choices=sorted(SIZES), default="full")
-    parser.add_argument("--policy", choices=["bfloat16", "float32"], default="bfloat16")
-    parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "svd_jax.json"))
-    parser.add_argument("--first-step-only", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--skip-parity", action="store_true", help="skip the bf16-vs-fp32 UNet check")
-    args = parser.parse_args(argv)
-    if args.first_step_only:  # the warm second process
-        print(json.dumps({"first_step_s": first_step_seconds(args.size, args.policy)}))
-        return 0
-
-    results = Results(args.out)
-    results.log("versions", f"jax {jax.__version__} svd_jax {svd_jax.__version__} device {jax.devices()[0].device_kind}")
-    results.log("settings", {"size": args.size, "policy": args.policy, **SIZES[args.size]})
-    cache = tempfile.mkdtemp(prefix="svd_jax-bench-cache-")
-    os.environ["SVD_JAX_CACHE"] = cache  # a cold persistent cache, filled by this process
-    results.log("cold_first_step_s", round(first_step_seconds(args.size, args.policy), 2))
-    warm = subprocess.run([sys.executable, __file__, "--size", args.size, "--policy", args.policy,
-                           "--first-step-only"], capture_output=True, text=True, env=dict(os.environ))
-    if warm.returncode == 0:
-        results.log("warm_process_first_step_s", round(json.loads(warm.stdout.strip().splitlines()[-1])["first_step_s"], 2))
-    else:
-        results.log("warm_process_first_step_s", f"failed: {warm.stderr[-500:]}")
-
-    models = random_models(configs(args.size), getattr(svd_jax.Policy, args.policy)())
+def measure_generation(results: Results, args) -> None:
     settings = SIZES[args.size]
-    image = (np.random.default_rng(0).random((settings["height"], settings["width"], 3)) * 255).astype(np.uint8)
-    step_times = []
-    last = [time.perf_counter()]
+    start = time.perf_counter()
+    models = build_models(args.size, policy_for(args))
+    results.log("weights_s", round(time.perf_counter() - start, 2))
+    start = time.perf_counter()
+    first_step(models, args.size)
+    now = time.perf_counter()
+    results.log("cold_first_step_s", round(now - start, 2))
+    results.log("cold_process_first_step_s", round(time.time() - PROCESS_START, 2))
+
+    image = test_image(args.size)
+    start = time.perf_counter()
+    svd_jax.generate(image, models, seed=0, progress=False, **{**settings, "num_inference_steps": 2})
+    results.log("first_video_call_s_incl_decode_compile", round(time.perf_counter() - start, 2))
+    runs = []
+    for _ in range(2):
+        start = time.perf_counter()
+        frames = svd_jax.generate(image, models, seed=0, progress=False, **settings)
+        runs.append(round(time.perf_counter() - start, 2))
+    results.log("generate_runs_s", runs)
+    results.log("generate_s", min(runs))
+    results.log("peak_GiB", peak_gib())
+    results.log("frames_finite", bool(np.isfinite(frames).all()))
+    results.log("frames_mean", round(float(frames.mean()), 4))
+    results.log("black_frames", int((frames.reshape(frames.shape[1], -1).max(-1) < 1 / 255).sum()))
+
+    step_times, last = [], [0.0]
 
     def on_step(step, sigma, latents):
         latents.block_until_ready()
@@ -146,19 +176,10 @@ def main(argv=None) -> int:
         step_times.append(now - last[0])
         last[0] = now
 
-    start = time.perf_counter()
-    compile_run = svd_jax.generate(image, models, seed=0, progress=False, **{**settings, "num_inference_steps": 2})
-    results.log("first_call_s_incl_compile", round(time.perf_counter() - start, 2))
-    del compile_run
-    start = last[0] = time.perf_counter()
-    frames = svd_jax.generate(image, models, seed=0, progress=False, callback_on_step_end=on_step, **settings)
-    total = time.perf_counter() - start
-    results.log("generate_s", round(total, 2))
-    results.log("step_s_median", round(float(np.median(step_times)), 4))
-    results.log("peak_GiB", peak_gib())
-    results.log("frames_finite", bool(np.isfinite(frames).all()))
-    results.log("frames_mean", round(float(frames.mean()), 4))
-    results.log("black_frames", int((frames.reshape(frames.shape[1], -1).max(-1) < 1 / 255).sum()))
+    last[0] = time.perf_counter()
+    svd_jax.generate(image, models, seed=0, progress=False, output_type="latent", callback_on_step_end=on_step,
+                     **settings).block_until_ready()
+    results.log("step_s_median", round(float(np.median(step_times[1:] or step_times)), 4))
 
     scale = 2 ** (len(models.vae.config.block_out_channels) - 1)
     latents = jnp.asarray(np.random.default_rng(1).standard_normal(
@@ -167,9 +188,47 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     decode_latents(models.vae, latents, settings["decode_chunk_size"]).block_until_ready()
     results.log("vae_decode_s", round(time.perf_counter() - start, 3))
-    if not args.skip_parity and args.size == "full":
-        del models
-        unet_bf16_vs_fp32(results)
+
+
+def measure_warm_process(results: Results, args) -> None:
+    env = dict(os.environ)
+    fraction = device_memory_limit_fraction(SMALL_CARD_GIB)
+    if fraction:
+        env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = fraction
+        results.log("warm_process_memory_limit_GiB", SMALL_CARD_GIB)
+    child = subprocess.run([sys.executable, __file__, "--size", args.size, "--policy", args.policy,
+                            "--attention", args.attention, "--warm-child"],
+                           capture_output=True, text=True, env=env, timeout=args.child_timeout)
+    for line in child.stdout.splitlines():
+        if line.startswith("{"):
+            for key, value in json.loads(line).items():
+                results.log(key, value)
+    if child.returncode:
+        results.log("warm_process_error", child.stderr[-1500:])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=sorted(SIZES), default="full")
+    parser.add_argument("--policy", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    parser.add_argument("--attention", choices=["auto", "xla", "cudnn"], default="auto")
+    parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "svd_jax.json"))
+    parser.add_argument("--child-timeout", type=float, default=240.0, help="seconds for the warm second process")
+    parser.add_argument("--warm-child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.warm_child:
+        return warm_child(args)
+
+    results = Results(args.out)
+    device = jax.devices()[0]
+    results.log("versions", {**{name: importlib.metadata.version(name) for name in ("jax", "jaxlib", "flax")},
+                             "svd_jax": svd_jax.__version__, "backend": jax.default_backend(),
+                             "device": device.device_kind, "python": sys.version.split()[0]})
+    results.log("settings", {"size": args.size, "policy": args.policy, "attention": args.attention, **SIZES[args.size]})
+    os.environ["SVD_JAX_CACHE"] = tempfile.mkdtemp(prefix="svd_jax-bench-cache-")  # cold; the warm process reuses it
+    svd_jax.loader.enable_compilation_cache()
+    results.section("generation", measure_generation, results, args)
+    results.section("warm_process", measure_warm_process, results, args)
     return 0
 
 

@@ -68,10 +68,12 @@ def cache_dir() -> Path:
 def enable_compilation_cache() -> None:
     """Turn on JAX's persistent compilation cache in ``cache_dir()/xla``, so a second process reaches its first
     step without recompiling. A cache folder the user configured (``jax_compilation_cache_dir`` or
-    ``JAX_COMPILATION_CACHE_DIR``) wins; ``SVD_JAX_COMPILATION_CACHE=0`` turns this off."""
+    ``JAX_COMPILATION_CACHE_DIR``) wins; ``SVD_JAX_COMPILATION_CACHE=0`` turns this off. Programs that compile
+    in over 0.1 s are kept (JAX's default, 1 s, would recompile the preprocessing's small programs each time)."""
     if os.environ.get("SVD_JAX_COMPILATION_CACHE", "1") == "0" or jax.config.jax_compilation_cache_dir:
         return
     jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
 
 
 def _source_fingerprint(source: Path) -> str:
@@ -126,24 +128,32 @@ def resolve(source, hub_variant: str = "fp16") -> Path:
     raise FileNotFoundError(f"{source}: no such file or folder, and not a Hugging Face repo id (org/name)")
 
 
-def _random_model(component: str, config, policy: Policy, rng: np.random.Generator):
+def _standard_normal(rng: np.random.Generator, shape) -> np.ndarray:
+    return rng.standard_normal(shape, dtype=np.float32)
+
+
+def _random_model(component: str, config, policy: Policy, rng: np.random.Generator, draw=_standard_normal):
     """A module with small random weights drawn on the host (no per-parameter device initialisation)."""
     graphdef, params, rest = nnx.split(abstract_model(component, config, policy), nnx.Param, ...)
     for path, var in nnx.to_flat_state(params):
         shape = var.get_value().shape
         fan_in = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
-        var.set_value(jnp.asarray(rng.standard_normal(shape, dtype=np.float32) * np.float32(fan_in ** -0.5), policy.param))
+        var.set_value(jnp.asarray(draw(rng, shape) * np.float32(fan_in ** -0.5), policy.param))
     return nnx.merge(graphdef, params, rest)
 
 
-def random_models(configs: dict, policy: Policy | None = None, seed: int = 0, name: str = "random") -> SVDModels:
+def random_models(configs: dict, policy: Policy | None = None, seed: int = 0, name: str = "random",
+                  draw=_standard_normal) -> SVDModels:
     """Components with random weights for ``configs`` (``{"unet": UNetConfig.svd_xt(), ...}``): for tests,
-    benchmarks and trying the whole path without a checkpoint. The outputs are noise."""
+    benchmarks and trying the whole path without a checkpoint. The outputs are noise.
+
+    ``draw(rng, shape)`` gives unit-variance float32 values (scaled by ``fan_in ** -0.5`` here); the default draws
+    fresh normals, which takes tens of seconds for the full-size models."""
     policy = policy or Policy.float32()
     rng = np.random.default_rng(seed)
     models = SVDModels(Path(name), policy, {"components": {c: {"config": cfg.to_dict()} for c, cfg in configs.items()}})
     for component, config in configs.items():
-        setattr(models, component, _random_model(component, config, policy, rng))
+        setattr(models, component, _random_model(component, config, policy, rng, draw))
     return models
 
 

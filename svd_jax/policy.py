@@ -62,6 +62,12 @@ class Policy:
         return cls("bfloat16", "bfloat16", attention_impl, "default")
 
     @classmethod
+    def float16(cls, attention_impl: str = "auto") -> "Policy":
+        """fp16 weights and activations with float32 statistics: diffusers' usual GPU dtype (more mantissa than
+        bf16, less range: activations above 65504 overflow)."""
+        return cls("float16", "float16", attention_impl, "default")
+
+    @classmethod
     def default(cls) -> "Policy":
         """bfloat16 on GPU/TPU, float32 on CPU."""
         return cls.float32() if jax.default_backend() == "cpu" else cls.bfloat16()
