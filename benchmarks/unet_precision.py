@@ -45,8 +45,8 @@ def torch_reference(size: str, folder: str):
     torch.backends.cudnn.allow_tf32 = False
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
-    with torch.device(device):
-        unet = UNetSpatioTemporalConditionModel(**UNET_KWARGS[size]).eval()
+    with torch.device(device):  # built in place; .to() then moves the buffers the legacy constructors kept on the CPU
+        unet = UNetSpatioTemporalConditionModel(**UNET_KWARGS[size]).to(device).eval()
     unet.save_pretrained(f"{folder}/unet")
     g = torch.Generator().manual_seed(1)
     inputs = (torch.randn(*INPUT_SHAPE[size], generator=g), torch.tensor([1.0, 1.0]),
