@@ -1,8 +1,9 @@
 """svd_jax generation benchmark: full-size SVD-XT with random weights (no download), on one accelerator.
 
 Measures, in this order: a cold process's time to its first denoising step (compilation with an empty persistent
-cache), seconds per video and per step, peak device memory, VAE decode seconds, and a warm second process's time
-to its first step (persistent compilation cache), which then generates a whole video under a 20 GiB memory limit
+cache), seconds per video and per step, peak device memory, VAE decode seconds; then it saves the models as a
+converted folder, and a warm second process loads them with ``svd_jax.load`` and reports its time from process
+start to its first step (persistent compilation cache), then generates a whole video under a 20 GiB memory limit
 (a 24 GB card). Writes JSON to ``--out`` (default ``$OUT/svd_jax.json``) after every figure, so a run cut short
 keeps what it measured. Run the diffusers baseline in the same call, on the same card (see benchmarks/README.md).
 
@@ -110,17 +111,16 @@ def first_step(models, size: str) -> None:
 
 
 def warm_child(args) -> int:
-    """The warm second process: from process start to its first step, then one whole video, under the memory
-    limit the parent set. Prints one JSON line per figure."""
-    svd_jax.loader.enable_compilation_cache()
+    """The warm second process, as a user's: load the converted folder, first step (compilations from the
+    persistent cache), then one whole video under the memory limit the parent set. One JSON line per figure."""
     start = time.time()
-    models = build_models(args.size, policy_for(args))
-    weights = time.time()
+    models = svd_jax.load(args.warm_child, policy=policy_for(args))
+    loaded = time.time()
     first_step(models, args.size)
     done = time.time()
     print(json.dumps({"warm_process_first_step_s": round(done - PROCESS_START, 2),
-                      "warm_weights_s": round(weights - start, 2),
-                      "warm_first_step_after_weights_s": round(done - weights, 2)}), flush=True)
+                      "warm_load_s": round(loaded - start, 2),
+                      "warm_first_step_after_load_s": round(done - loaded, 2)}), flush=True)
     start = time.perf_counter()
     frames = svd_jax.generate(test_image(args.size), models, seed=0, progress=False, **SIZES[args.size])
     print(json.dumps({"limited_memory_generate_s": round(time.perf_counter() - start, 2),
@@ -141,7 +141,8 @@ def device_memory_limit_fraction(limit_gib: float) -> str | None:
     return f"{limit_gib * 1024 / float(total):.4f}"
 
 
-def measure_generation(results: Results, args) -> None:
+def measure_generation(results: Results, args):
+    """The main figures; returns the models."""
     settings = SIZES[args.size]
     start = time.perf_counter()
     models = build_models(args.size, policy_for(args))
@@ -156,13 +157,9 @@ def measure_generation(results: Results, args) -> None:
     start = time.perf_counter()
     svd_jax.generate(image, models, seed=0, progress=False, **{**settings, "num_inference_steps": 2})
     results.log("first_video_call_s_incl_decode_compile", round(time.perf_counter() - start, 2))
-    runs = []
-    for _ in range(2):
-        start = time.perf_counter()
-        frames = svd_jax.generate(image, models, seed=0, progress=False, **settings)
-        runs.append(round(time.perf_counter() - start, 2))
-    results.log("generate_runs_s", runs)
-    results.log("generate_s", min(runs))
+    start = time.perf_counter()
+    frames = svd_jax.generate(image, models, seed=0, progress=False, **settings)
+    results.log("generate_s", round(time.perf_counter() - start, 2))
     results.log("peak_GiB", peak_gib())
     results.log("frames_finite", bool(np.isfinite(frames).all()))
     results.log("frames_mean", round(float(frames.mean()), 4))
@@ -188,16 +185,27 @@ def measure_generation(results: Results, args) -> None:
     start = time.perf_counter()
     decode_latents(models.vae, latents, settings["decode_chunk_size"]).block_until_ready()
     results.log("vae_decode_s", round(time.perf_counter() - start, 3))
+    return models
 
 
-def measure_warm_process(results: Results, args) -> None:
+def save_converted(results: Results, models) -> str:
+    from svd_jax.train.checkpoints import save_models
+
+    folder = os.path.join(os.environ["SVD_JAX_CACHE"], "converted-random")
+    start = time.perf_counter()
+    save_models(folder, {c: getattr(models, c) for c in ("image_encoder", "unet", "vae")})
+    results.log("save_converted_s", round(time.perf_counter() - start, 2))
+    return folder
+
+
+def measure_warm_process(results: Results, args, folder: str) -> None:
     env = dict(os.environ)
     fraction = device_memory_limit_fraction(SMALL_CARD_GIB)
     if fraction:
         env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = fraction
         results.log("warm_process_memory_limit_GiB", SMALL_CARD_GIB)
     child = subprocess.run([sys.executable, __file__, "--size", args.size, "--policy", args.policy,
-                            "--attention", args.attention, "--warm-child"],
+                            "--attention", args.attention, "--warm-child", folder],
                            capture_output=True, text=True, env=env, timeout=args.child_timeout)
     for line in child.stdout.splitlines():
         if line.startswith("{"):
@@ -214,7 +222,7 @@ def main(argv=None) -> int:
     parser.add_argument("--attention", choices=["auto", "xla", "cudnn"], default="auto")
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "svd_jax.json"))
     parser.add_argument("--child-timeout", type=float, default=240.0, help="seconds for the warm second process")
-    parser.add_argument("--warm-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--warm-child", metavar="FOLDER", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.warm_child:
         return warm_child(args)
@@ -227,8 +235,11 @@ def main(argv=None) -> int:
     results.log("settings", {"size": args.size, "policy": args.policy, "attention": args.attention, **SIZES[args.size]})
     os.environ["SVD_JAX_CACHE"] = tempfile.mkdtemp(prefix="svd_jax-bench-cache-")  # cold; the warm process reuses it
     svd_jax.loader.enable_compilation_cache()
-    results.section("generation", measure_generation, results, args)
-    results.section("warm_process", measure_warm_process, results, args)
+    models = results.section("generation", measure_generation, results, args)
+    folder = models and results.section("save", save_converted, results, models)
+    del models
+    if folder:
+        results.section("warm_process", measure_warm_process, results, args, folder)
     return 0
 
 
