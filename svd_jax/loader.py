@@ -133,12 +133,15 @@ def _standard_normal(rng: np.random.Generator, shape) -> np.ndarray:
 
 
 def _random_model(component: str, config, policy: Policy, rng: np.random.Generator, draw=_standard_normal):
-    """A module with small random weights drawn on the host (no per-parameter device initialisation)."""
+    """A module with small random weights drawn on the host (no per-parameter device initialisation), placed on
+    the first device as :func:`load` places restored weights, so both compile to the same programs (a committed
+    argument changes the compiled program, and with it the persistent cache's key)."""
     graphdef, params, rest = nnx.split(abstract_model(component, config, policy), nnx.Param, ...)
+    device = jax.local_devices()[0]
     for path, var in nnx.to_flat_state(params):
         shape = var.get_value().shape
         fan_in = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
-        var.set_value(jnp.asarray(draw(rng, shape) * np.float32(fan_in ** -0.5), policy.param))
+        var.set_value(jax.device_put(jnp.asarray(draw(rng, shape) * np.float32(fan_in ** -0.5), policy.param), device))
     return nnx.merge(graphdef, params, rest)
 
 
