@@ -63,3 +63,40 @@ def test_tiny_models_run_every_component():
     assert models.unet.config.cross_attention_dim[0] == models.image_encoder.config.projection_dim
     embeds = models.image_encoder(np.zeros((1, 224, 224, 3), np.float32))
     assert embeds.shape == (1, 32) and np.isfinite(np.asarray(embeds)).all()
+
+
+def test_random_and_loaded_models_compile_to_the_same_programs(tmp_path):
+    """The persistent compilation cache is keyed on the program: weights placed differently (a committed
+    argument) would give another program and a recompilation in every process that loads instead of drawing."""
+    from flax import nnx
+
+    from svd_jax import pipeline
+    from svd_jax.train.checkpoints import save_models
+
+    policy = svd_jax.Policy.float32()
+    drawn = svd_jax.load("tiny", policy=policy)
+    folder = save_models(tmp_path / "saved", {c: getattr(drawn, c) for c in ("image_encoder", "unet", "vae")})
+    loaded = svd_jax.load(folder, policy=policy)
+    latents = np.zeros((1, 2, 4, 4, 4), np.float32)
+    cond = pipeline.Conditioning(np.zeros((1, 1, 32), np.float32), np.zeros((1, 4, 4, 4), np.float32),
+                                 np.zeros((1, 3), np.float32), None)
+
+    def program(models):
+        graph, state = nnx.split(models.unet)
+        return pipeline._denoise_step.lower(graph, policy.compute, None, state, latents, 1.0, 0.5, 0.1, cond).as_text()
+
+    assert program(drawn) == program(loaded)
+
+
+def test_random_models_take_a_custom_draw():
+    calls = []
+
+    def ones(rng, shape):
+        calls.append(shape)
+        return np.ones(shape, np.float32)
+
+    configs = {"vae": svd_jax.VAEConfig.tiny()}
+    models = loader.random_models(configs, svd_jax.Policy.float32(), draw=ones)
+    kernel = np.asarray(models.vae.decoder.conv_in.kernel[...])
+    assert calls and np.allclose(kernel, kernel.flat[0]) and kernel.flat[0] == pytest.approx(
+        np.prod(kernel.shape[:-1]) ** -0.5)
