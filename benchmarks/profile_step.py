@@ -4,7 +4,8 @@ at 576x1024, bf16), summarised by XLA op and by the svd_jax source line that emi
     python benchmarks/profile_step.py --out results/        # writes step.xplane.pb and profile.txt there
     python benchmarks/profile_step.py --size tiny           # the same path in seconds, e.g. on a CPU
 
-``step.xplane.pb`` opens in TensorBoard's or XProf's profile viewer; ``profile.txt`` is the summary printed here.
+``step.xplane.pb`` opens in TensorBoard's or XProf's profile viewer; ``profile.txt`` is the summary printed here;
+``--summarise step.xplane.pb`` prints it again from a saved trace (on any machine).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import argparse
 import collections
 import glob
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -48,40 +50,57 @@ def run_steps(fns, latents, cond, count: int):
     return latents, (time.perf_counter() - start) / count
 
 
-def summarise(xplane: str, steps: int, top: int = 45) -> str:
-    """Per-op and per-source-line device time of the traced steps, per step."""
+def _kernel_kind(name: str) -> str:
+    """A kernel or fusion name without its numbering: ``loop_multiply_fusion_104`` -> ``loop_multiply_fusion``."""
+    return re.sub(r"[_.]\d+", "", name)[:80]
+
+
+def _category(name: str) -> str:
+    if "sdpa" in name or "flash" in name:
+        return "attention (cuDNN)"
+    if "fprop" in name or "conv" in name:
+        return "convolution"
+    if name.startswith(("nvjet", "gemm", "cublas", "cutlass")) or "gemm" in name:
+        return "matmul"
+    if name.startswith("input_"):
+        return "reductions (norm statistics, softmax)"
+    if name.startswith(("loop_", "wrapped_")):
+        return "elementwise and layout"
+    return "other fusions"
+
+
+def summarise(xplane: str, steps: int, top: int = 40) -> str:
+    """Device time per step of the traced steps, by kind of kernel and by kernel (fusion) name.
+
+    On a GPU the kernels are the events of the compute streams (XLA runs the step as CUDA graphs, so the trace
+    has no per-HLO-op line); on a CPU, the host threads' events that name an HLO op."""
     from jax.profiler import ProfileData
 
-    by_op, by_source, by_kind = collections.Counter(), collections.Counter(), collections.Counter()
-    detail, total, layout = {}, 0.0, []
+    by_kernel, calls = collections.Counter(), collections.Counter()
     planes = list(ProfileData.from_file(xplane).planes)
     on_device = any(plane.name.startswith("/device:") for plane in planes)
     for plane in planes:
-        layout.append(f"{plane.name}: {[line.name for line in plane.lines][:12]}")
         if plane.name.startswith("/device:") != on_device:
             continue
         for line in plane.lines:
-            if on_device and line.name != "XLA Ops":
+            if on_device and not (line.name.startswith("Stream") and "Compute" in line.name):
                 continue
             for event in line.events:
-                stats = dict(event.stats)
-                if not on_device and "hlo_op" not in stats:
+                if not on_device and "hlo_op" not in dict(event.stats):
                     continue
-                ms = event.duration_ns / 1e6 / steps
-                total += ms
-                by_op[event.name] += ms
-                detail.setdefault(event.name, stats)
-                by_source[str(stats.get("source", stats.get("tf_op", "?")))[-90:]] += ms
-                by_kind[str(stats.get("tf_op", event.name)).rsplit("/", 1)[-1][:60]] += ms
-    out = [f"device time per step (XLA ops): {total:.1f} ms", *layout]
-    for title, table in (("by kind", by_kind), ("by source", by_source), ("by op", by_op)):
-        out.append(f"\n== {title} (ms per step)")
-        for name, ms in table.most_common(top):
-            extra = ""
-            if table is by_op:
-                s = detail[name]
-                extra = f"  | {str(s.get('tf_op', ''))[-80:]} | {str(s.get('long_name', ''))[:160]}"
-            out.append(f"{ms:9.2f}  {name}{extra}")
+                by_kernel[event.name] += event.duration_ns / 1e6 / steps
+                calls[event.name] += 1
+    by_kind, by_category = collections.Counter(), collections.Counter()
+    for name, ms in by_kernel.items():
+        by_kind[_kernel_kind(name)] += ms
+        by_category[_category(name)] += ms
+    out = [f"device time per step: {sum(by_kernel.values()):.1f} ms in {sum(calls.values()) // steps} kernels"]
+    out.append("\n== by category (ms per step)")
+    out += [f"{ms:9.2f}  {name}" for name, ms in by_category.most_common()]
+    out.append("\n== by kind (ms per step)")
+    out += [f"{ms:9.2f}  {name}" for name, ms in by_kind.most_common(top)]
+    out.append("\n== by kernel (ms per step, calls per step)")
+    out += [f"{ms:9.2f} {calls[name] // steps:5d}  {name[:120]}" for name, ms in by_kernel.most_common(top)]
     return "\n".join(out)
 
 
@@ -90,7 +109,11 @@ def main(argv=None) -> int:
     parser.add_argument("--size", choices=sorted(SIZES), default="full")
     parser.add_argument("--steps", type=int, default=3, help="steps traced")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--summarise", metavar="XPLANE", help="only print the summary of a saved trace")
     args = parser.parse_args(argv)
+    if args.summarise:
+        print(summarise(args.summarise, args.steps))
+        return 0
     os.makedirs(args.out, exist_ok=True)
     models = build_models(args.size, svd_jax.Policy.default())
     fns = pipeline._compiled(models, None)
