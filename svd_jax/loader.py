@@ -69,11 +69,13 @@ def enable_compilation_cache() -> None:
     """Turn on JAX's persistent compilation cache in ``cache_dir()/xla``, so a second process reaches its first
     step without recompiling. A cache folder the user configured (``jax_compilation_cache_dir`` or
     ``JAX_COMPILATION_CACHE_DIR``) wins; ``SVD_JAX_COMPILATION_CACHE=0`` turns this off. Programs that compile
-    in over 0.1 s are kept (JAX's default, 1 s, would recompile the preprocessing's small programs each time)."""
+    in over 0.1 s are kept (JAX's default, 1 s, would recompile the preprocessing's small programs each time)
+    unless ``JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`` says otherwise."""
     if os.environ.get("SVD_JAX_COMPILATION_CACHE", "1") == "0" or jax.config.jax_compilation_cache_dir:
         return
     jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
 
 
 def _source_fingerprint(source: Path) -> str:

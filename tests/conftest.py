@@ -9,3 +9,6 @@ os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0 --xla_llv
 # Conversion caches and the persistent compilation cache go to a per-user temporary folder, never ~/.cache;
 # shared by the test workers, so a shape compiled by one is reused by the others.
 os.environ.setdefault("SVD_JAX_CACHE", os.path.join(tempfile.gettempdir(), f"svd_jax-tests-{os.getuid()}"))
+# Only programs that take over a second to compile are worth writing to that cache here (svd_jax's 0.1 s default
+# suits a GPU process's start, but writing every small CPU program costs this suite about 8%).
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1.0")
