@@ -6,11 +6,13 @@ A converted folder has one sub-folder per component (``image_encoder``, ``unet``
 
 from __future__ import annotations
 
+import functools
 import importlib
 
 import jax
 from flax import nnx
 
+from svd_jax.checkpoint import path_key
 from svd_jax.configs import CLIPVisionConfig, UNetConfig, VAEConfig
 from svd_jax.policy import Policy
 
@@ -58,10 +60,17 @@ def abstract_model(component: str, config, policy: Policy | None = None):
     return nnx.eval_shape(lambda: cls(config, policy=policy, rngs=_ShapeOnlyRngs()))
 
 
+@functools.partial(jax.jit, static_argnums=1)
+def _cast_all(arrays: dict, dtype: str) -> dict:
+    """Every array to ``dtype`` in one program (one eager cast per parameter shape would compile dozens)."""
+    return jax.tree.map(lambda a: a.astype(dtype), arrays)
+
+
 def recast(module, component: str, policy: Policy):
     """The same weights as ``module`` under another policy (its dtypes), e.g. a float32 copy of a bf16 VAE."""
     graphdef, params, rest = nnx.split(abstract_model(component, module.config, policy), nnx.Param, ...)
-    source = {path: var.get_value() for path, var in nnx.to_flat_state(nnx.state(module, nnx.Param))}
+    source = {path_key(path): var.get_value() for path, var in nnx.to_flat_state(nnx.state(module, nnx.Param))}
+    cast = _cast_all(source, policy.param_dtype)
     for path, var in nnx.to_flat_state(params):
-        var.set_value(source[path].astype(policy.param))
+        var.set_value(cast[path_key(path)])
     return nnx.merge(graphdef, params, rest)

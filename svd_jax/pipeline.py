@@ -103,6 +103,11 @@ def _draw_noise(seeds: list[int], image_shape, latent_shape):
     return jnp.stack(aug), jnp.stack(lat)
 
 
+# One program per input size, kept by the persistent cache, instead of a handful of eager operations that a new
+# process would compile again.
+_clip_preprocess = jax.jit(preprocess.clip_preprocess, static_argnames="size")
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _encode_image(graph, compute, state, clip_pixels):
     return nnx.merge(graph, state)(clip_pixels.astype(compute)).astype(jnp.float32)
@@ -241,8 +246,7 @@ def generate(
 
     fns = _compiled(model, mesh)
     clip_size = model.image_encoder.config.image_size
-    clip_pixels = jnp.concatenate([preprocess.clip_preprocess(preprocess.clip_input(im), size=clip_size)
-                                   for im in images])
+    clip_pixels = jnp.concatenate([_clip_preprocess(preprocess.clip_input(im), size=clip_size) for im in images])
     embeds = fns.encode_image(clip_pixels)[:, None, :]
     pixels = jnp.stack([preprocess.prepare_image(im, height, width) for im in images])
     image_latents = fns.encode_latents(pixels + noise_aug_strength * aug_noise)
