@@ -5,8 +5,9 @@ nothing else in the project picks a kernel.
 
 * ``"xla"``: plain einsum attention with the softmax in float32 (exact for parity); for long sequences it
   works one block of queries at a time, so it runs (on TPU, CPU, or a GPU in float32) without the full matrix.
-* ``"cudnn"``: cuDNN flash attention through :func:`jax.nn.dot_product_attention` (GPU, fp16/bf16 only);
-  it never materialises the ``tokens x tokens`` matrix, which XLA's plain path needs ~119 GB for at 9216 tokens.
+* ``"cudnn"``: cuDNN flash attention through :func:`jax.nn.dot_product_attention` wherever cuDNN can run it
+  (GPU, fp16/bf16, head_dim <= 128), any sequence length; XLA for the rest. cuDNN never materialises the
+  ``tokens x tokens`` matrix, which XLA's plain path needs ~119 GB for at 9216 tokens.
 * ``"auto"``: cuDNN on GPU for half-precision inputs with long sequences, XLA otherwise (CPU, TPU, fp32,
   the 14-25-token temporal attention).
 """
@@ -29,20 +30,21 @@ def _default_backend() -> str:
 
 
 def choose_impl(impl: str, dtype, kv_tokens: int, head_dim: int) -> str:
-    """Resolve ``"auto"`` to a concrete kernel for these shapes; validate explicit choices."""
+    """Resolve ``impl`` to a concrete kernel for these shapes.
+
+    ``"cudnn"`` asks for cuDNN wherever it can run the attention (half precision, head_dim <= 128 and divisible
+    by 8, any length: the temporal attention too) and XLA elsewhere (a float32 copy of the VAE, the VAE's
+    512-wide head), so that a whole generation runs; asking for it off a GPU is an error."""
     if impl == "xla":
         return "xla"
-    usable = _default_backend() == "gpu" and jnp.dtype(dtype) in _HALF and head_dim <= 128 and head_dim % 8 == 0
-    if impl == "cudnn":
-        if not usable:
-            raise ValueError(
-                "attention impl 'cudnn' needs a GPU backend, float16/bfloat16 inputs and head_dim <= 128 "
-                f"divisible by 8 (backend {_default_backend()}, dtype {jnp.dtype(dtype).name}, head_dim {head_dim})"
-            )
-        return "cudnn"
-    if impl != "auto":
+    if impl not in ("auto", "cudnn"):
         raise ValueError(f"unknown attention impl {impl!r}; expected auto, xla or cudnn")
-    return "cudnn" if usable and kv_tokens >= CUDNN_MIN_TOKENS else "xla"
+    on_gpu = _default_backend() == "gpu"
+    if impl == "cudnn" and not on_gpu:
+        raise ValueError(f"attention impl 'cudnn' needs a GPU backend (this one is {_default_backend()})")
+    if not (on_gpu and jnp.dtype(dtype) in _HALF and head_dim <= 128 and head_dim % 8 == 0):
+        return "xla"
+    return "cudnn" if impl == "cudnn" or kv_tokens >= CUDNN_MIN_TOKENS else "xla"
 
 
 def _xla_attention(q, k, v, precision):

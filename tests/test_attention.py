@@ -36,10 +36,21 @@ def test_long_sequences_are_chunked_and_exact(monkeypatch):
     np.testing.assert_allclose(chunked, reference(q, k, v), atol=1e-5)
 
 
+def test_kernel_choice_on_gpu(monkeypatch):
+    monkeypatch.setattr(attn, "_default_backend", lambda: "gpu")
+    bf16 = jax.numpy.bfloat16
+    assert attn.choose_impl("auto", bf16, 9216, 64) == "cudnn"  # the UNet's spatial attention
+    assert attn.choose_impl("auto", bf16, 25, 64) == "xla"  # its temporal attention
+    assert attn.choose_impl("cudnn", bf16, 25, 64) == "cudnn"
+    assert attn.choose_impl("cudnn", bf16, 9216, 512) == "xla"  # the VAE's mid-block head
+    assert attn.choose_impl("cudnn", np.float32, 9216, 64) == "xla"  # the float32 VAE copy that encodes
+    assert attn.choose_impl("xla", bf16, 9216, 64) == "xla"
+
+
 def test_kernel_choice_on_cpu():
     assert attn.choose_impl("auto", np.float32, 9216, 64) == "xla"
     assert attn.choose_impl("auto", jax.numpy.bfloat16, 9216, 64) == "xla"  # no GPU here
-    with pytest.raises(ValueError, match="cudnn"):
+    with pytest.raises(ValueError, match="cudnn' needs a GPU"):
         attn.choose_impl("cudnn", jax.numpy.bfloat16, 9216, 64)
     with pytest.raises(ValueError, match="unknown attention impl"):
         attn.choose_impl("flash", np.float32, 10, 64)
