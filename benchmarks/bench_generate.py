@@ -4,7 +4,7 @@ Measures, in this order: a cold process's time to its first denoising step (comp
 cache), seconds per video and per step, peak device memory, VAE decode seconds; then it saves the models as a
 converted folder, and a warm second process loads them with ``svd_jax.load`` and reports its time from process
 start to its first step (persistent compilation cache), then generates a whole video under a 20 GiB memory limit
-(a 24 GB card). Writes JSON to ``--out`` (default ``$OUT/svd_jax.json``) after every figure, so a run cut short
+(a 24 GB card). Writes JSON to ``--out`` (default ``results/svd_jax.json``) after every figure, so a run cut short
 keeps what it measured. Run the diffusers baseline in the same call, on the same card (see benchmarks/README.md).
 
     python benchmarks/bench_generate.py                 # full size on the default accelerator
@@ -87,6 +87,7 @@ class Results(dict):
     def __init__(self, path: str):
         super().__init__()
         self.path = path
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
 
     def log(self, key, value):
         self[key] = value
@@ -220,7 +221,7 @@ def main(argv=None) -> int:
     parser.add_argument("--size", choices=sorted(SIZES), default="full")
     parser.add_argument("--policy", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     parser.add_argument("--attention", choices=["auto", "xla", "cudnn"], default="auto")
-    parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "svd_jax.json"))
+    parser.add_argument("--out", default=os.path.join("results", "svd_jax.json"))
     parser.add_argument("--child-timeout", type=float, default=240.0, help="seconds for the warm second process")
     parser.add_argument("--warm-child", metavar="FOLDER", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

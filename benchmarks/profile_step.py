@@ -108,7 +108,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=sorted(SIZES), default="full")
     parser.add_argument("--steps", type=int, default=3, help="steps traced")
-    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--out", default="results", help="folder for step.xplane.pb and profile.txt")
     parser.add_argument("--summarise", metavar="XPLANE", help="only print the summary of a saved trace")
     args = parser.parse_args(argv)
     if args.summarise:

@@ -2,7 +2,7 @@
 
 The random diffusers UNet goes through the real converter; svd_jax evaluates the same input under each policy
 (bf16 weights rounded, bf16 arithmetic; float32 as the port check) and the relative L2 error against the PyTorch
-float32 output is reported. Needs torch and diffusers. Writes JSON to ``--out`` (default ``$OUT/precision.json``).
+float32 output is reported. Needs torch and diffusers. Writes JSON to ``--out`` (default ``results/precision.json``).
 
     python benchmarks/unet_precision.py                  # SVD-XT UNet, on the default accelerator
     python benchmarks/unet_precision.py --size tiny      # seconds, on a CPU
@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     parser.add_argument("--policies", default="bfloat16,float32,float16",
                         help="comma-separated svd_jax policies to evaluate, in order")
     parser.add_argument("--budget-s", type=float, default=1e9, help="start no further policy after this many seconds")
-    parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "precision.json"))
+    parser.add_argument("--out", default=os.path.join("results", "precision.json"))
     args = parser.parse_args(argv)
     start = time.perf_counter()
     results = Results(args.out)
