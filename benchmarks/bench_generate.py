@@ -179,7 +179,7 @@ def measure_generation(results: Results, args):
                      **settings).block_until_ready()
     results.log("step_s_median", round(float(np.median(step_times[1:] or step_times)), 4))
 
-    scale = 2 ** (len(models.vae.config.block_out_channels) - 1)
+    scale = models.vae.config.downsample_factor
     latents = jnp.asarray(np.random.default_rng(1).standard_normal(
         (1, settings["num_frames"], settings["height"] // scale, settings["width"] // scale, 4), np.float32))
     decode_latents(models.vae, latents, settings["decode_chunk_size"]).block_until_ready()

@@ -31,7 +31,7 @@ from svd_jax import pipeline  # noqa: E402
 
 def step_inputs(models, size: str):
     settings = SIZES[size]
-    scale = 2 ** (len(models.vae.config.block_out_channels) - 1)
+    scale = models.vae.config.downsample_factor
     h, w = settings["height"] // scale, settings["width"] // scale
     frames = settings["num_frames"]
     dim = models.image_encoder.config.projection_dim

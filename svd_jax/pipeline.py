@@ -227,8 +227,8 @@ def generate(
     """
     model.require("image_encoder", "unet", "vae")
     num_frames = model.unet.config.num_frames if num_frames is None else num_frames
-    vae_scale = 2 ** (len(model.vae.config.block_out_channels) - 1)
-    down_factor = 2 ** (len(model.unet.config.block_out_channels) - 1)
+    vae_scale = model.vae.config.downsample_factor
+    down_factor = model.unet.config.downsample_factor
     _check_arguments(num_frames, num_inference_steps, sigmas, height, width, decode_chunk_size, fps,
                      motion_bucket_id, noise_aug_strength, output_type, vae_scale, down_factor)
     images = [preprocess.load_image(im) for im in (image if isinstance(image, (list, tuple)) else [image])]
