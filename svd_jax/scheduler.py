@@ -1,4 +1,4 @@
-"""EDM Euler sampler for SVD: Karras sigmas, v-prediction EDM scalings, Euler step, per-frame guidance.
+"""EDM schedules for SVD (Karras, AYS, exponential, polyexponential), v-prediction scalings, Euler step, guidance.
 
 Pure functions. Host-side schedules are numpy; the per-step math is `jax.numpy` in float32 and is
 jit-friendly (sigmas may be traced scalars). Numerics follow diffusers' `EulerDiscreteScheduler`
@@ -19,6 +19,9 @@ import numpy as np
 SIGMA_MIN = 0.002
 SIGMA_MAX = 700.0
 RHO = 7.0
+# Align Your Steps (Sabour et al. 2024): NVIDIA's published 10-step noise levels for Stable Video Diffusion.
+AYS_SVD_SIGMAS = (700.00, 54.5, 15.886, 7.977, 4.248, 1.789, 0.981, 0.403, 0.173, 0.034, 0.002)
+SCHEDULE_KINDS = ("karras", "ays", "exponential", "polyexponential")
 GUIDANCE_KINDS = ("linear", "triangle")
 _PERIOD_FUSINGS = ("max", "mean", "multiply")
 
@@ -55,9 +58,8 @@ def karras_sigmas(
     (max^(1/rho) + ramp * (min^(1/rho) - max^(1/rho)))^rho, a 0 appended, then cast to float32.
     """
     num_steps = _check_num_steps(num_steps)
-    sigma_min, sigma_max, rho = float(sigma_min), float(sigma_max), float(rho)
-    if not (0.0 < sigma_min < sigma_max < math.inf):
-        raise ValueError(f"need 0 < sigma_min < sigma_max < inf, got sigma_min={sigma_min}, sigma_max={sigma_max}")
+    sigma_min, sigma_max = _check_range(sigma_min, sigma_max)
+    rho = float(rho)
     if not (0.0 < rho < math.inf):
         raise ValueError(f"rho must be positive and finite, got {rho}")
     ramp = np.linspace(0, 1, num_steps)
@@ -67,7 +69,70 @@ def karras_sigmas(
     return np.concatenate([sigmas, [0.0]]).astype(np.float32)
 
 
-def _check_sigmas(sigmas) -> np.ndarray:
+def _check_range(sigma_min: float, sigma_max: float) -> tuple[float, float]:
+    sigma_min, sigma_max = float(sigma_min), float(sigma_max)
+    if not (0.0 < sigma_min < sigma_max < math.inf):
+        raise ValueError(f"need 0 < sigma_min < sigma_max < inf, got sigma_min={sigma_min}, sigma_max={sigma_max}")
+    return sigma_min, sigma_max
+
+
+def exponential_sigmas(num_steps: int, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX) -> np.ndarray:
+    """Sigmas evenly spaced in log sigma from sigma_max to sigma_min, then 0; float32 [num_steps + 1]."""
+    return polyexponential_sigmas(num_steps, sigma_min, sigma_max, rho=1.0)
+
+
+def polyexponential_sigmas(
+    num_steps: int, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, rho: float = 1.0
+) -> np.ndarray:
+    """log sigma = log sigma_min + ramp^rho * (log sigma_max - log sigma_min), ramp from 1 to 0, then 0 appended;
+    float32 [num_steps + 1] (computed in float64). rho = 1 is the exponential schedule."""
+    num_steps = _check_num_steps(num_steps)
+    sigma_min, sigma_max = _check_range(sigma_min, sigma_max)
+    if not (0.0 < float(rho) < math.inf):
+        raise ValueError(f"rho must be positive and finite, got {rho}")
+    ramp = np.linspace(1.0, 0.0, num_steps) ** float(rho)
+    log_min, log_max = math.log(sigma_min), math.log(sigma_max)
+    sigmas = np.exp(ramp * (log_max - log_min) + log_min)
+    return np.concatenate([sigmas, [0.0]]).astype(np.float32)
+
+
+def ays_sigmas(num_steps: int, levels: Sequence[float] = AYS_SVD_SIGMAS) -> np.ndarray:
+    """Align Your Steps sigmas for SVD, float32 [num_steps + 1].
+
+    The published levels define len(levels) - 1 steps; for another step count they are interpolated linearly in
+    log sigma over evenly spaced positions (num_steps + 1 points from the first level to the last). The last
+    sigma is then set to 0, so the final step lands on the denoised sample (as ComfyUI's AYS scheduler does).
+    """
+    num_steps = _check_num_steps(num_steps)
+    log_levels = np.log(np.asarray(levels, np.float64))
+    if num_steps + 1 == log_levels.size:
+        sigmas = np.asarray(levels, np.float64)
+    else:
+        positions = np.linspace(0.0, 1.0, log_levels.size)
+        # np.interp needs increasing abscissae: interpolate the reversed (increasing) log levels
+        sigmas = np.exp(np.interp(np.linspace(0.0, 1.0, num_steps + 1), positions, log_levels[::-1]))[::-1]
+    sigmas = sigmas.copy()
+    sigmas[-1] = 0.0
+    return sigmas.astype(np.float32)
+
+
+def sigmas_for(kind: str, num_steps: int, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX,
+               rho: float | None = None) -> np.ndarray:
+    """The float32 sigmas of schedule ``kind`` (see :data:`SCHEDULE_KINDS`); ``rho`` defaults to 7 for Karras and
+    1 for polyexponential; AYS has fixed levels and takes neither range nor rho."""
+    if kind == "karras":
+        return karras_sigmas(num_steps, sigma_min, sigma_max, RHO if rho is None else rho)
+    if kind == "exponential":
+        return exponential_sigmas(num_steps, sigma_min, sigma_max)
+    if kind == "polyexponential":
+        return polyexponential_sigmas(num_steps, sigma_min, sigma_max, 1.0 if rho is None else rho)
+    if kind == "ays":
+        return ays_sigmas(num_steps)
+    raise ValueError(f"unknown schedule {kind!r}; expected one of {SCHEDULE_KINDS}")
+
+
+def check_sigmas(sigmas) -> np.ndarray:
+    """User sigmas as a float32 schedule: 1-D, finite, non-negative, strictly decreasing, a 0 appended if missing."""
     arr = np.asarray(sigmas)
     if arr.ndim != 1:
         raise ValueError(f"sigmas must be 1-D, got shape {arr.shape}")
@@ -92,9 +157,11 @@ def schedule(
     sigmas: Sequence[float] | np.ndarray | None = None,
     sigma_min: float = SIGMA_MIN,
     sigma_max: float = SIGMA_MAX,
-    rho: float = RHO,
+    rho: float | None = None,
+    kind: str = "karras",
 ) -> Schedule:
-    """The schedule for `num_steps` Karras steps, or for user-given `sigmas` (exactly one of the two).
+    """The schedule for `num_steps` steps of schedule `kind` (Karras by default, see :func:`sigmas_for`), or for
+    user-given `sigmas` (exactly one of the two).
 
     User sigmas are cast to float32 and get a trailing 0 appended when their last value is not 0
     (diffusers' `set_timesteps(sigmas=...)` instead treats the last given value as the final sigma,
@@ -103,7 +170,10 @@ def schedule(
     """
     if (num_steps is None) == (sigmas is None):
         raise ValueError("pass exactly one of num_steps or sigmas")
-    sig = karras_sigmas(num_steps, sigma_min, sigma_max, rho) if sigmas is None else _check_sigmas(sigmas)
+    if sigmas is None:
+        sig = sigmas_for(kind, num_steps, sigma_min, sigma_max, rho)
+    else:
+        sig = check_sigmas(sigmas)
     # log of the float32 sigmas, correctly rounded to float32 (diffusers: torch float32 log).
     timesteps = (0.25 * np.log(sig[:-1].astype(np.float64))).astype(np.float32)
     max_sigma = sig.max()

@@ -86,3 +86,24 @@ def load_open_clip_transformer():
             sys.modules.setdefault(name, types.ModuleType(name))
         sys.modules["torchvision.ops.misc"] = misc
     return importlib.import_module("open_clip.transformer")
+
+
+def load_k_diffusion_sampling():
+    """``k_diffusion.sampling`` without the package's ``__init__``.
+
+    k-diffusion's ``__init__`` imports its training, evaluation and augmentation modules (torchvision, kornia,
+    clean-fid, wandb, ...), and ``k_diffusion.utils`` imports torchvision; it is installed with ``--no-deps`` (see
+    README). The samplers need only torch, scipy, torchdiffeq, torchsde and ``utils.append_dims``, so the package
+    is registered without running its ``__init__`` and ``k_diffusion.utils`` gets a stand-in with that function.
+    """
+    if "k_diffusion.sampling" in sys.modules:
+        return sys.modules["k_diffusion.sampling"]
+    spec = importlib.util.find_spec("k_diffusion")
+    package = types.ModuleType("k_diffusion")
+    package.__path__ = list(spec.submodule_search_locations)
+    sys.modules.setdefault("k_diffusion", package)
+    utils = types.ModuleType("k_diffusion.utils")
+    utils.append_dims = lambda x, target_dims: x[(...,) + (None,) * (target_dims - x.ndim)]
+    sys.modules.setdefault("k_diffusion.utils", utils)
+    package.utils = sys.modules["k_diffusion.utils"]
+    return importlib.import_module("k_diffusion.sampling")
