@@ -11,6 +11,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from svd_jax.attention import attention
@@ -158,8 +159,37 @@ class FeedForward(nnx.Module):
         return x
 
 
+def project_together(x, layers) -> list:
+    """``[layer(x) for layer in layers]`` for ``nnx.Linear`` layers of one dtype and precision, as one matmul over
+    their kernels (and biases) concatenated along the output axis: the same sums per output column, one pass
+    over ``x`` instead of one per layer. The concatenation happens here, under ``jit``, not in the checkpoint."""
+    first = layers[0]
+    kernel = jnp.concatenate([layer.kernel[...] for layer in layers], axis=1).astype(first.dtype)
+    y = jax.lax.dot_general(x.astype(first.dtype), kernel, (((x.ndim - 1,), (0,)), ((), ())),
+                            precision=first.precision)
+    if first.bias is not None:
+        y = y + jnp.concatenate([layer.bias[...] for layer in layers]).astype(first.dtype)
+    splits = np.cumsum([layer.out_features for layer in layers])[:-1]
+    return jnp.split(y, splits, axis=-1)
+
+
+def rows_per_context(rows: int, contexts: int, what: str) -> int:
+    """How many consecutive rows of tokens share one context row (row ``i`` uses context ``i // r``)."""
+    if contexts < 1 or rows % contexts:
+        raise ValueError(f"{what}: {rows} rows of tokens cannot share {contexts} contexts evenly")
+    return rows // contexts
+
+
 class Attention(nnx.Module):
-    """diffusers ``Attention`` for tokens ``[N, L, C]``: ``to_q/to_k/to_v`` and ``to_out.0``, scale 1/sqrt(head_dim)."""
+    """diffusers ``Attention`` for tokens ``[N, L, C]``: ``to_q/to_k/to_v`` and ``to_out.0``, scale 1/sqrt(head_dim).
+
+    Self-attention projects q, k and v in one matmul. Cross-attention takes a ``context [Nc, Lk, D]`` with ``Nc``
+    dividing ``N``: consecutive blocks of ``N / Nc`` token rows share a context row (frames of a video, positions
+    of a video), so the context is projected once per row of it, not once per row of tokens. With one context
+    token (SVD's image embedding), softmax over a single key is exactly 1 whatever the query, so the output is
+    ``to_out(to_v(context))`` broadcast over the tokens: no query projection, no attention, and ``x`` is only read
+    for its shape.
+    """
 
     def __init__(self, query_dim: int, heads: int, dim_head: int, policy: Policy, rngs: nnx.Rngs, *,
                  cross_attention_dim: int | None = None, bias: bool = False, out_bias: bool = True):
@@ -172,17 +202,26 @@ class Attention(nnx.Module):
         self.to_v = dense(cross_attention_dim or query_dim, inner, policy, rngs, use_bias=bias)
         self.to_out = nnx.List([dense(inner, query_dim, policy, rngs, use_bias=out_bias), Identity()])
 
-    def __call__(self, x, context=None):
-        context = x if context is None else context
-        n, lq, _ = x.shape
-        lk = context.shape[1]
-        q = self.to_q(x).reshape(n, lq, self.heads, -1)
-        k = self.to_k(context).reshape(n, lk, self.heads, -1)
-        v = self.to_v(context).reshape(n, lk, self.heads, -1)
-        out = attention(q, k, v, impl=self.impl, precision=self.precision).reshape(n, lq, -1)
+    def _output(self, out):
         for layer in self.to_out:
             out = layer(out)
         return out
+
+    def __call__(self, x, context=None):
+        n, lq, _ = x.shape
+        if context is None:
+            q, k, v = project_together(x, (self.to_q, self.to_k, self.to_v))
+        else:
+            repeat = rows_per_context(n, context.shape[0], "Attention")
+            if context.shape[1] == 1:
+                out = self._output(self.to_v(context))  # [Nc, 1, C]
+                out = jnp.broadcast_to(out[:, None], (context.shape[0], repeat, lq, out.shape[-1]))
+                return out.reshape(n, lq, -1)
+            k, v = (jnp.repeat(t, repeat, axis=0) for t in project_together(context, (self.to_k, self.to_v)))
+            q = self.to_q(x)
+        q, k, v = (t.reshape(*t.shape[:2], self.heads, -1) for t in (q, k, v))
+        out = attention(q, k, v, impl=self.impl, precision=self.precision)
+        return self._output(out.reshape(n, lq, -1))
 
 
 class ResnetBlock2D(nnx.Module):

@@ -2,8 +2,8 @@
 
 ``unet(sample [B, F, h, w, in], timestep [B], encoder_hidden_states [B, L, D], added_time_ids [B, 3])
 -> [B, F, h, w, out]``. The timestep and added-time-id embeddings ([cos | sin] sinusoids, shift 0) are summed,
-broadcast to every frame, and fed to every resnet; the context is repeated per frame for the spatial
-cross-attention, and the temporal cross-attention uses each video's context. Frames are folded into the batch
+broadcast to every frame, and fed to every resnet; the context stays one per video (``[B, L, D]``): the spatial
+and temporal cross-attentions project it once per video and share it across frames and positions. Frames are folded into the batch
 (row ``b*F + f``) for the spatial layers. Any number of frames and any latent size that the down path can halve
 exactly are accepted.
 """
@@ -109,7 +109,7 @@ class UNetSpatioTemporalConditionModel(nnx.Module):
         self._check_inputs(sample, timestep, encoder_hidden_states, added_time_ids)
         b, f, h, w, channels = sample.shape
         temb = jnp.repeat(self._embedding(timestep, added_time_ids, b), f, axis=0)
-        context = jnp.repeat(encoder_hidden_states.astype(self.dtype), f, axis=0)
+        context = encoder_hidden_states.astype(self.dtype)
 
         x = self.conv_in(sample.astype(self.dtype).reshape(b * f, h, w, channels))
         skips = [x]

@@ -34,8 +34,11 @@ class BasicTransformerBlock(nnx.Module):
         self.ff = FeedForward(dim, policy, rngs)
 
     def __call__(self, x, context):
+        """``x [N, S, C]``; ``context [Nc, L, D]``, each context row serving ``N / Nc`` consecutive rows of ``x``."""
         x = self.attn1(self.norm1(x)) + x
-        x = self.attn2(self.norm2(x), context) + x
+        # With one context token the cross-attention does not depend on its input's values (see Attention):
+        # skip the norm it would discard.
+        x = self.attn2(x if context.shape[1] == 1 else self.norm2(x), context) + x
         return self.ff(self.norm3(x)) + x
 
 
@@ -51,7 +54,7 @@ class TemporalBasicTransformerBlock(BasicTransformerBlock):
         self.ff_in = FeedForward(dim, policy, rngs, dim_out=dim)
 
     def __call__(self, x, num_frames: int, time_context):
-        """``x [B*F, S, C]``, ``time_context [B*S, L, D]`` -> ``[B*F, S, C]``."""
+        """``x [B*F, S, C]``, ``time_context [B, L, D]`` (one per video) -> ``[B*F, S, C]``."""
         bf, s, c = x.shape
         b = bf // num_frames
         h = x.reshape(b, num_frames, s, c).transpose(0, 2, 1, 3).reshape(b * s, num_frames, c)
@@ -86,15 +89,15 @@ class TransformerSpatioTemporalModel(nnx.Module):
         self.proj_out = dense(channels, channels, policy, rngs)
 
     def __call__(self, x, num_frames: int, context):
-        """``x [B*F, H, W, C]``, ``context [B*F, L, D]`` (per frame, as diffusers passes it)."""
+        """``x [B*F, H, W, C]``; ``context [B, L, D]`` (one per video, as the UNet carries it) or ``[B*F, L, D]``
+        (one per frame, as diffusers passes it; the temporal blocks then use each video's first frame's)."""
         bf, height, width, c = x.shape
         check_frames(bf, num_frames, "TransformerSpatioTemporalModel")
-        if context.ndim != 3 or context.shape[0] != bf:
-            raise ValueError(f"TransformerSpatioTemporalModel: context must be [{bf}, L, D], got {context.shape}")
         b, s = bf // num_frames, height * width
-        first_frame = context.reshape(b, num_frames, *context.shape[1:])[:, 0]
-        time_context = jnp.broadcast_to(first_frame[:, None], (b, s, *first_frame.shape[1:]))
-        time_context = time_context.reshape(b * s, *first_frame.shape[1:])
+        if context.ndim != 3 or context.shape[0] not in (b, bf):
+            raise ValueError(f"TransformerSpatioTemporalModel: context must be [{b}, L, D] or [{bf}, L, D], "
+                             f"got {context.shape}")
+        time_context = context if context.shape[0] == b else context[::num_frames]
 
         residual = x
         h = self.proj_in(self.norm(x).reshape(bf, s, c))
