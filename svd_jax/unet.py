@@ -106,21 +106,38 @@ class UNetSpatioTemporalConditionModel(nnx.Module):
         return emb + self.add_embedding(ids_emb.astype(self.dtype))
 
     def __call__(self, sample, timestep, encoder_hidden_states, added_time_ids):
+        return self.call_with_deep_features(sample, timestep, encoder_hidden_states, added_time_ids)[0]
+
+    def call_with_deep_features(self, sample, timestep, encoder_hidden_states, added_time_ids, deep_features=None):
+        """``(output, deep_features)``; with ``deep_features`` given, only the shallow branch runs.
+
+        The deep features are the input of the last up block (everything below the first level's skips, at full
+        latent resolution). Without ``deep_features`` the whole UNet runs and they are returned with its output;
+        with them (from an earlier call: DeepCache-style step caching), only ``conv_in``, the first down block's
+        layers, the last up block and the output convolution run, and the given features stand in for the rest.
+        """
         self._check_inputs(sample, timestep, encoder_hidden_states, added_time_ids)
         b, f, h, w, channels = sample.shape
         temb = jnp.repeat(self._embedding(timestep, added_time_ids, b), f, axis=0)
         context = encoder_hidden_states.astype(self.dtype)
+        last = self.up_blocks[-1]
+        shallow = deep_features is not None
 
         x = self.conv_in(sample.astype(self.dtype).reshape(b * f, h, w, channels))
         skips = [x]
-        for block in self.down_blocks:
+        for block in self.down_blocks[:1] if shallow else self.down_blocks:
             x, block_skips = block(x, f, temb, context)
             skips.extend(block_skips)
-        x = self.mid_block(x, f, temb, context)
-        for block in self.up_blocks:
-            count = len(block.resnets)
-            x = block(x, tuple(skips[-count:]), f, temb, context)
-            del skips[-count:]
+        if shallow:  # the first block's downsampled output feeds only the deep branch (and is compiled away)
+            x, skips = deep_features, skips[:len(last.resnets)]
+        else:
+            x = self.mid_block(x, f, temb, context)
+            for block in self.up_blocks[:-1]:
+                count = len(block.resnets)
+                x = block(x, tuple(skips[-count:]), f, temb, context)
+                del skips[-count:]
+        deep_features = x
+        x = last(x, tuple(skips), f, temb, context)
 
         x = self.conv_out(jax.nn.silu(self.conv_norm_out(x)))
-        return x.reshape(b, f, h, w, -1)
+        return x.reshape(b, f, h, w, -1), deep_features
