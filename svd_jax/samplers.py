@@ -1,4 +1,4 @@
-"""k-diffusion-style samplers over a denoiser: euler, heun, euler_ancestral, dpmpp_2s_ancestral, dpmpp_2m, lms.
+"""Samplers over a denoiser: k-diffusion's euler, heun, euler_ancestral, dpmpp_2s_ancestral, dpmpp_2m, lms; lcm.
 
 Every sampler takes ``denoise(x, sigma) -> denoised`` (the model's x0 estimate for ``x`` at noise level ``sigma``,
 ``x = x0 + sigma * noise``), the initial ``x`` (already scaled to the first sigma) and a sigma schedule ending
@@ -270,6 +270,22 @@ def lms(denoise: Denoiser, x, sigmas, *, order=4, key=None, callback: StepCallba
     return x
 
 
+def lcm(denoise: Denoiser, x, sigmas, *, s_noise=1.0, noise_sampler: NoiseSampler | None = None, key=None,
+        callback: StepCallback | None = None):
+    """Multistep consistency sampling (LCM; AnimateLCM-SVD's scheduler): each step takes the denoiser's estimate
+    and, unless the next sigma is 0, noises it afresh to the next sigma; one denoiser call per step. For
+    consistency-distilled UNets, on their own few-step schedule (``scheduler.sigmas_for("animatelcm", n)``)."""
+    sigmas = scheduler.check_sigmas(sigmas)
+    noise = _noise_sampler(noise_sampler, key, x, "lcm") if len(sigmas) > 2 else None
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        x = denoise(x, sigma)
+        if sigma_next > 0:
+            x = _add_noise(x, noise(sigma, sigma_next), _f32(s_noise * float(sigma_next)))
+        x = _after_step(callback, i, sigma, x)
+    return x
+
+
 SAMPLERS: dict[str, Callable] = {
     "euler": euler,
     "heun": heun,
@@ -277,9 +293,11 @@ SAMPLERS: dict[str, Callable] = {
     "dpmpp_2s_ancestral": dpmpp_2s_ancestral,
     "dpmpp_2m": dpmpp_2m,
     "lms": lms,
+    "lcm": lcm,
 }
 # Denoiser calls per step (the last step of heun and dpmpp_2s_ancestral, to sigma 0, makes one).
-EVALUATIONS_PER_STEP = {"euler": 1, "heun": 2, "euler_ancestral": 1, "dpmpp_2s_ancestral": 2, "dpmpp_2m": 1, "lms": 1}
+EVALUATIONS_PER_STEP = {"euler": 1, "heun": 2, "euler_ancestral": 1, "dpmpp_2s_ancestral": 2, "dpmpp_2m": 1, "lms": 1,
+                        "lcm": 1}
 
 
 def evaluations(sampler: str, num_steps: int) -> int:

@@ -21,7 +21,9 @@ SIGMA_MAX = 700.0
 RHO = 7.0
 # Align Your Steps (Sabour et al. 2024): NVIDIA's published 10-step noise levels for Stable Video Diffusion.
 AYS_SVD_SIGMAS = (700.00, 54.5, 15.886, 7.977, 4.248, 1.789, 0.981, 0.403, 0.173, 0.034, 0.002)
-SCHEDULE_KINDS = ("karras", "ays", "exponential", "polyexponential")
+SCHEDULE_KINDS = ("karras", "ays", "exponential", "polyexponential", "animatelcm")
+# AnimateLCM-SVD's consistency distillation discretised the Karras schedule (700 -> 0.002, rho 7) into 40 levels.
+ANIMATELCM_TRAIN_STEPS = 40
 GUIDANCE_KINDS = ("linear", "triangle")
 _PERIOD_FUSINGS = ("max", "mean", "multiply")
 
@@ -116,6 +118,20 @@ def ays_sigmas(num_steps: int, levels: Sequence[float] = AYS_SVD_SIGMAS) -> np.n
     return sigmas.astype(np.float32)
 
 
+def animatelcm_sigmas(num_steps: int, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX,
+                      rho: float = RHO, train_steps: int = ANIMATELCM_TRAIN_STEPS) -> np.ndarray:
+    """AnimateLCM-SVD's sampling sigmas, float32 [num_steps + 1]: of the ``train_steps`` Karras levels (ramp
+    k / (train_steps - 1)), every (train_steps // num_steps)-th from the largest, then 0. num_steps <= train_steps."""
+    num_steps = _check_num_steps(num_steps)
+    if num_steps > train_steps:
+        raise ValueError(f"the AnimateLCM schedule has at most {train_steps} steps, got {num_steps}")
+    sigma_min, sigma_max = _check_range(sigma_min, sigma_max)
+    ramp = np.arange(num_steps) * (train_steps // num_steps) / (train_steps - 1)
+    min_inv_rho, max_inv_rho = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    sigmas = (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
+    return np.concatenate([sigmas, [0.0]]).astype(np.float32)
+
+
 def sigmas_for(kind: str, num_steps: int, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX,
                rho: float | None = None) -> np.ndarray:
     """The float32 sigmas of schedule ``kind`` (see :data:`SCHEDULE_KINDS`); ``rho`` defaults to 7 for Karras and
@@ -128,6 +144,8 @@ def sigmas_for(kind: str, num_steps: int, sigma_min: float = SIGMA_MIN, sigma_ma
         return polyexponential_sigmas(num_steps, sigma_min, sigma_max, 1.0 if rho is None else rho)
     if kind == "ays":
         return ays_sigmas(num_steps)
+    if kind == "animatelcm":
+        return animatelcm_sigmas(num_steps, sigma_min, sigma_max, RHO if rho is None else rho)
     raise ValueError(f"unknown schedule {kind!r}; expected one of {SCHEDULE_KINDS}")
 
 

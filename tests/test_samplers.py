@@ -2,6 +2,7 @@
 written in torch and in JAX, and the tiny UNet through the real converter), the same sigmas and injected noise."""
 
 import math
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 import svd_jax
+from animatelcm_reference import AnimateLCMReferenceScheduler
 from parity import convert_inprocess, load_k_diffusion_sampling, max_rel_err
 from svd_jax import samplers, scheduler
 from tiny_svd import tiny_pipeline
@@ -98,17 +100,19 @@ def test_samplers_match_k_diffusion_on_a_fixed_denoiser(name, options, k_sample,
 
 
 @pytest.fixture(scope="module")
-def unet_denoiser(tmp_path_factory):
-    """The tiny UNet through the real converter, as an EDM v-prediction denoiser conditioned on random inputs."""
+def tiny_unet(tmp_path_factory):
+    """The tiny diffusers UNet and its conversion, random conditioning, and the converted one as an EDM
+    v-prediction denoiser: ``denoise_jax(x, sigma)`` (counting its calls) and the same function for torch."""
     root = tmp_path_factory.mktemp("samplers")
-    tiny_pipeline().unet.save_pretrained(root / "src" / "unet")
+    torch_unet = tiny_pipeline().unet
+    torch_unet.save_pretrained(root / "src" / "unet")
     convert_inprocess(root / "src", root / "dst", "--no-hash")
     unet = svd_jax.load(root / "dst", policy=svd_jax.Policy.float32()).unet
     rng = np.random.default_rng(4)
     b, f, h, w, _ = SHAPE
-    image_latents = jnp.asarray(rng.standard_normal((b, 1, h, w, 4)), jnp.float32)
-    context = jnp.asarray(rng.standard_normal((b, 1, 32)), jnp.float32)
-    ids = jnp.asarray([[6.0, 127.0, 0.02]] * b, jnp.float32)
+    image_latents = rng.standard_normal((b, 1, h, w, 4)).astype(np.float32)
+    context = rng.standard_normal((b, 1, 32)).astype(np.float32)
+    ids = np.asarray([[6.0, 127.0, 0.02]] * b, np.float32)
 
     @jax.jit
     def denoise(x, sigma, c_noise):
@@ -126,21 +130,52 @@ def unet_denoiser(tmp_path_factory):
     def denoise_torch(x, sigma):
         return torch.from_numpy(np.array(denoise_jax(jnp.asarray(x.numpy()), sigma[0].item())))
 
-    return denoise_jax, denoise_torch, calls, denoise
+    conditioning = dict(image_latents=image_latents, context=context, ids=ids)
+    return SimpleNamespace(denoise_jax=denoise_jax, denoise_torch=denoise_torch, calls=calls, compiled=denoise,
+                           torch_unet=torch_unet, **conditioning)
 
 
 @pytest.mark.parametrize("name,options,k_sample", [c for c in CASES if not c[1] or c[0] == "heun"],
                          ids=[i for i, c in zip(IDS, CASES) if not c[1] or c[0] == "heun"])
-def test_samplers_match_k_diffusion_on_the_tiny_unet(unet_denoiser, name, options, k_sample, monkeypatch):
-    denoise_jax, denoise_torch, calls, compiled = unet_denoiser
+def test_samplers_match_k_diffusion_on_the_tiny_unet(tiny_unet, name, options, k_sample, monkeypatch):
     sigmas = scheduler.karras_sigmas(4, 0.02, 30.0)
     x0 = np.random.default_rng(1).standard_normal(SHAPE).astype(np.float32) * sigmas[0]
-    actual, expected = run_both(name, options, k_sample, denoise_jax, denoise_torch, sigmas, x0, monkeypatch)
+    actual, expected = run_both(name, options, k_sample, tiny_unet.denoise_jax, tiny_unet.denoise_torch, sigmas, x0,
+                                monkeypatch)
     assert max_rel_err(actual, expected) <= 1e-5
-    calls.clear()
-    samplers.sample(name, denoise_jax, jnp.asarray(x0), sigmas, key=jax.random.key(0), **options)
-    assert len(calls) == samplers.evaluations(name, 4)
-    assert compiled._cache_size() == 1  # every sampler, every sigma: one compiled UNet evaluation
+    tiny_unet.calls.clear()
+    samplers.sample(name, tiny_unet.denoise_jax, jnp.asarray(x0), sigmas, key=jax.random.key(0), **options)
+    assert len(tiny_unet.calls) == samplers.evaluations(name, 4)
+    assert tiny_unet.compiled._cache_size() == 1  # every sampler, every sigma: one compiled UNet evaluation
+
+
+@pytest.mark.parametrize("steps", [1, 4, 6])
+def test_lcm_matches_the_animatelcm_reference_on_the_tiny_unet(tiny_unet, steps):
+    """AnimateLCM's loop in torch (its scheduler's scaling, timesteps and step on the diffusers UNet) against
+    svd_jax's lcm sampler on its animatelcm schedule over the converted UNet, with the same injected noise."""
+    b, f, h, w, c = SHAPE
+    rng = np.random.default_rng(steps)
+    noises = rng.standard_normal((steps, *SHAPE)).astype(np.float32)
+    to_torch = lambda a: torch.from_numpy(np.ascontiguousarray(np.moveaxis(a, -1, 2)))  # noqa: E731  [B,F,C,h,w]
+    reference = AnimateLCMReferenceScheduler(noises=[to_torch(n) for n in noises])
+    reference.set_timesteps(steps)
+    x0 = rng.standard_normal(SHAPE).astype(np.float32)
+    x = to_torch(x0) * reference.init_noise_sigma
+    image_latents = to_torch(np.broadcast_to(tiny_unet.image_latents, SHAPE).copy())
+    with torch.no_grad():
+        for t in reference.timesteps:
+            model_in = torch.cat([reference.scale_model_input(x, t), image_latents], dim=2)
+            out = tiny_unet.torch_unet(model_in, t, encoder_hidden_states=torch.from_numpy(tiny_unet.context),
+                                       added_time_ids=torch.from_numpy(tiny_unet.ids), return_dict=False)[0]
+            x = reference.step(out, t, x).prev_sample
+    expected = x.permute(0, 1, 3, 4, 2).numpy()
+
+    sigmas = scheduler.sigmas_for("animatelcm", steps)
+    np.testing.assert_allclose(sigmas, reference.sigmas.numpy(), rtol=1e-6, atol=0)
+    calls = iter(noises)
+    actual = samplers.lcm(tiny_unet.denoise_jax, jnp.asarray(x0) * np.float32(reference.init_noise_sigma), sigmas,
+                          noise_sampler=lambda sigma, sigma_next: jnp.asarray(next(calls)))
+    assert max_rel_err(actual, expected) <= 1e-5
 
 
 def test_default_noise_from_a_key_and_step_callback():
