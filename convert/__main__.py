@@ -1,4 +1,4 @@
-"""``python -m convert SRC DST [--config DIR] [--force]``: PyTorch -> svd_jax.
+"""``python -m convert SRC DST [--config DIR] [--unet FILE] [--force]``: PyTorch -> svd_jax.
 ``python -m convert --to-diffusers SRC DST [--dtype D] [--force]``: a converted svd_jax folder -> a diffusers folder."""
 
 from __future__ import annotations
@@ -16,6 +16,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--config", metavar="DIR",
                         help="a folder laid out like a diffusers repo without weights (image_encoder/config.json, "
                              "unet/config.json, vae/config.json) for non-standard sizes")
+    parser.add_argument("--unet", metavar="FILE",
+                        help="convert this UNet instead of SRC's (a fine-tune such as AnimateLCM-SVD-xt.safetensors: "
+                             "a single file in diffusers naming, or a component folder); SRC gives the rest")
     parser.add_argument("--force", action="store_true", help="replace an existing DST")
     parser.add_argument("--no-hash", action="store_true", help="skip the sha256 of the source files in the manifest")
     parser.add_argument("--to-diffusers", action="store_true",
@@ -51,8 +54,9 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.to_diffusers and (args.config or args.no_hash):
-        print("error: --config and --no-hash apply to PyTorch -> svd_jax, not to --to-diffusers", file=sys.stderr)
+    if args.to_diffusers and (args.config or args.no_hash or args.unet):
+        print("error: --config, --no-hash and --unet apply to PyTorch -> svd_jax, not to --to-diffusers",
+              file=sys.stderr)
         return 2
     if not args.to_diffusers and (args.dtype or args.accept_diffusers_eps):
         print("error: --dtype and --accept-diffusers-eps apply only with --to-diffusers", file=sys.stderr)
@@ -66,7 +70,7 @@ def _convert(args: argparse.Namespace) -> int:
 
     try:
         manifest = convert(args.src, args.dst, config_dir=args.config, force=args.force,
-                           hash_sources=not args.no_hash)
+                           hash_sources=not args.no_hash, unet=args.unet)
     except ConversionError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

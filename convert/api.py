@@ -64,20 +64,36 @@ def replace_destination(tmp: Path, dst: Path, force: bool) -> None:
         tmp.rename(dst)
 
 
-def convert(src, dst, config_dir=None, force: bool = False, hash_sources: bool = True) -> dict:
-    """Convert ``src`` (see :mod:`convert.layouts`) into the folder ``dst``; returns the manifest."""
+def _with_unet(sources: list[layouts.ComponentSource], unet: Path, config_dir) -> list[layouts.ComponentSource]:
+    """``sources`` with their UNet replaced by the one UNet ``unet`` holds."""
+    replacement = layouts.detect(unet, config_dir)
+    if [s.component for s in replacement] != ["unet"]:
+        raise ConversionError(f"--unet {unet}: holds {', '.join(s.component for s in replacement)}, not one UNet")
+    return [s for s in sources if s.component != "unet"] + replacement
+
+
+def convert(src, dst, config_dir=None, force: bool = False, hash_sources: bool = True, unet=None) -> dict:
+    """Convert ``src`` (see :mod:`convert.layouts`) into the folder ``dst``; returns the manifest.
+
+    ``unet``: a UNet source (any accepted layout, e.g. a fine-tune's single diffusers-named file such as
+    AnimateLCM-SVD-xt's) converted in place of ``src``'s UNet, ``src`` giving the other components."""
     src, dst = Path(src), Path(dst)
     if dst.exists() and not force:
         raise ConversionError(f"{dst} already exists (pass --force to replace it)")
     if not dst.parent.is_dir():
         raise ConversionError(f"{dst.parent}: the destination's parent folder does not exist")
-    planned = _prepare(layouts.detect(src, Path(config_dir) if config_dir else None))
+    config_dir = Path(config_dir) if config_dir else None
+    sources = layouts.detect(src, config_dir)
+    if unet is not None:
+        sources = _with_unet(sources, Path(unet), config_dir)
+    planned = _prepare(sources)
     files = {f.path: f for source, _ in planned for f in source.files}
     manifest = {
         "format": "svd_jax",
         "converter_version": CONVERTER_VERSION,
         "source": {
             "path": str(src),
+            **({"unet_path": str(unet)} if unet is not None else {}),
             "files": [{"name": path.name, "bytes": path.stat().st_size,
                        "sha256": f.sha256() if hash_sources else None} for path, f in files.items()],
         },
