@@ -39,8 +39,9 @@ def _prepare(sources: list[layouts.ComponentSource]) -> list[tuple[layouts.Compo
 
 
 def _write_component(folder: Path, source: layouts.ComponentSource, expected: dict) -> dict:
+    """Each tensor is read, transformed and written in turn: the component is never in memory as a whole."""
     folder.mkdir()
-    params = rules.fill(expected, lambda key: source.tensors[key].read())
+    params = rules.deferred(expected, lambda key: source.tensors[key].dtype, lambda key: source.tensors[key].read())
     checkpoint.save_params(folder, params)
     source.config.save(folder / CONFIG)
     return {

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from convert.errors import ConversionError
-from convert.reader import SafetensorsFile
+from convert.reader import DTYPES, SafetensorsFile
 from convert.rules import Transform, transformed_shape
 from svd_jax.configs import CLIPVisionConfig, UNetConfig, VAEConfig
 
@@ -49,6 +49,10 @@ class TensorRef:
     @property
     def shape(self) -> tuple[int, ...] | None:
         return transformed_shape(self.transform, self.file.shape(self.key))
+
+    @property
+    def dtype(self) -> np.dtype:
+        return DTYPES[self.file.dtype(self.key)]
 
     def read(self) -> np.ndarray:
         array = self.file.get(self.key)

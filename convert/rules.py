@@ -11,6 +11,7 @@ shapes must be equal after the transform. Anything else is a :class:`ConversionE
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Callable
@@ -19,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from convert.errors import ConversionError
+from svd_jax.bounded_io import DeferredArray
 from svd_jax.checkpoint import param_shapes, path_key
 from svd_jax.layers import GroupNorm, LayerNorm
 
@@ -143,3 +145,17 @@ def fill(expected: dict[str, Target], read: Callable[[str], np.ndarray]) -> dict
             array = target.transform(array)
         params[target.param] = np.ascontiguousarray(array)
     return params
+
+
+def _read_transformed(read: Callable[[str], np.ndarray], key: str, transform: Transform | None) -> np.ndarray:
+    array = read(key)
+    return np.ascontiguousarray(array if transform is None else transform(array))
+
+
+def deferred(expected: dict[str, Target], dtype: Callable[[str], np.dtype],
+             read: Callable[[str], np.ndarray]) -> dict[str, DeferredArray]:
+    """:func:`fill` without reading: ``{NNX parameter path: DeferredArray}``, each canonical key read and transformed
+    when the array is written (``dtype(key)``: its dtype, which the transforms keep)."""
+    return {target.param: DeferredArray(target.shape, np.dtype(dtype(key)),
+                                        functools.partial(_read_transformed, read, key, target.transform))
+            for key, target in expected.items()}

@@ -3,6 +3,10 @@
 Weights are stored as a nested dict keyed by the module's attribute path (``vision_model.encoder.layers.0...``),
 in the dtype they had in the source checkpoint. Restoring builds the model abstractly (``nnx.eval_shape``) and
 lets orbax cast each array to the policy's ``param_dtype`` and place it with the requested sharding.
+
+Saving and restoring go through :mod:`svd_jax.bounded_io`: a component is written array by array (a
+:class:`DeferredArray` is read only when its turn comes) and restored a few arrays at a time, straight into the
+target dtype and placement, so neither needs a second copy of the component on the host.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from svd_jax import bounded_io
+from svd_jax.bounded_io import DeferredArray
 from svd_jax.policy import Policy
 
 PARAMS_DIR = "params"
@@ -53,11 +59,17 @@ def param_shapes(model) -> dict[str, jax.ShapeDtypeStruct]:
     return {path_key(path): jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype) for path, v in nnx.to_flat_state(state)}
 
 
-def save_params(directory: Path, params: dict[str, np.ndarray]) -> None:
-    """Write ``{dotted.path: array}`` as an orbax checkpoint under ``directory/params``."""
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(Path(directory).absolute() / PARAMS_DIR, _nest(params))
-    checkpointer.wait_until_finished()
+def _largest_bytes(stored: dict[str, tuple[tuple[int, ...], str]], dtype=None) -> int:
+    """The size of the largest stored array, in its stored dtype or ``dtype`` if that is wider."""
+    return max((int(np.prod(shape)) * max(np.dtype(d).itemsize, np.dtype(dtype or d).itemsize)
+                for shape, d in stored.values()), default=0)
+
+
+def save_params(directory: Path, params: dict[str, np.ndarray | DeferredArray]) -> None:
+    """Write ``{dotted.path: array}`` as an orbax checkpoint under ``directory/params``; a :class:`DeferredArray`
+    is read when it is written."""
+    bounded_io.save(Path(directory).absolute() / PARAMS_DIR, _nest(params),
+                    max((a.nbytes for a in params.values()), default=0))
 
 
 def stored_params(directory: Path) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -108,7 +120,8 @@ def restore_model(abstract_model, directory: Path, policy: Policy, sharding: Sha
                                   sharding=sharding(key, var.get_value().shape) if sharding else device)
         for key, var in expected.items()
     }
-    restored = _flatten(ocp.StandardCheckpointer().restore(directory.absolute() / PARAMS_DIR, _nest(target)))
+    with bounded_io.reader(_largest_bytes(stored, policy.param)) as checkpointer:
+        restored = _flatten(checkpointer.restore(directory.absolute() / PARAMS_DIR, _nest(target)))
     for path, var in nnx.to_flat_state(params):
         var.set_value(restored[path_key(path)])
     return nnx.merge(graphdef, params, rest)

@@ -127,6 +127,25 @@ def test_failure_while_writing_leaves_nothing(tmp_path, capsys, clip_folder, mon
     assert list(tmp_path.iterdir()) == []
 
 
+def test_failure_while_reading_a_tensor_leaves_nothing(tmp_path, capsys, clip_folder, monkeypatch):
+    """Tensors are read while the checkpoint is written: a read that fails half-way (the file changed) still ends
+    with one error line and nothing on disk."""
+    from convert import reader
+
+    read, calls = reader.SafetensorsFile.get, []
+
+    def fail_third(self, key):
+        calls.append(key)
+        if len(calls) == 3:
+            raise reader.ConversionError(f"{self.path}: cannot read tensor {key!r} (the file ends early)")
+        return read(self, key)
+
+    monkeypatch.setattr(reader.SafetensorsFile, "get", fail_third)
+    code, err = run_main(capsys, clip_folder, tmp_path / "dst")
+    assert_clean_failure(code, err, tmp_path / "dst", "the file ends early")
+    assert len(calls) == 3  # nothing is read after the failure
+
+
 def test_missing_destination_parent(tmp_path, capsys, clip_folder):
     code, err = run_main(capsys, clip_folder, tmp_path / "no" / "dst")
     assert code == 2 and "parent folder does not exist" in err

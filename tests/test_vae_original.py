@@ -2,14 +2,11 @@
 with the original key names (from the reference's rename rules, tests/vae_helpers.py), converted and compared with
 the diffusers model they were made from; the real-size key mapping; bad files."""
 
-import functools
 import json
 
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL as TorchAutoencoderKL
-from diffusers import AutoencoderKLTemporalDecoder as TorchAutoencoderKLTemporalDecoder
 from safetensors.numpy import save_file
 
 import svd_jax
@@ -17,29 +14,10 @@ from convert import original_vae, rules
 from convert.__main__ import main as convert_main
 from parity import convert_inprocess, max_rel_err, nchw_to_nhwc, randomize, write_config_dir
 from svd_jax.vae import AutoencoderKL, AutoencoderKLTemporalDecoder, decode_frames, encode_images
-from vae_helpers import DEC, ENC, diffusers_vae, original_shapes, original_tensors, real_size_expected_keys
+from vae_helpers import (DEC, EMBEDDER_DECODER, ENC, FIRST_STAGE_ENCODER, diffusers_vae, original_tensors,
+                         real_size_expected_keys, real_size_original_shapes, unused_parts)
 
 MODEL_TOL = 1e-4
-FIRST_STAGE_ENCODER = "first_stage_model.encoder."
-EMBEDDER_DECODER = "conditioner.embedders.3.encoder.decoder."
-EMBEDDER_POST_QUANT_CONV = "conditioner.embedders.3.encoder.post_quant_conv."
-
-
-def _move(tensors: dict, old: str, new: str) -> dict:
-    return {new + k[len(old):]: v for k, v in tensors.items() if k.startswith(old)}
-
-
-def unused_parts(other: dict, image_decoder: bool) -> dict:
-    """The parts of the file the converter must not use, taken from ``other``, another image VAE's tensors (or
-    shapes) under the original names: the first-stage encoder (plus its quant_conv in the image-decoder file) and
-    the embedder's decoder and post_quant_conv."""
-    parts = {**_move(other, ENC, FIRST_STAGE_ENCODER), **_move(other, DEC, EMBEDDER_DECODER),
-             **_move(other, "first_stage_model.post_quant_conv.", EMBEDDER_POST_QUANT_CONV)}
-    if image_decoder:
-        parts.update(_move(other, "conditioner.embedders.3.encoder.quant_conv.", "first_stage_model.quant_conv."))
-    return parts
-
-
 def write_original_file(path, torch_vae, image_decoder: bool):
     channels = tuple(torch_vae.config.block_out_channels)
     layers = torch_vae.config.layers_per_block
@@ -94,26 +72,9 @@ def test_single_file_parity(tmp_path, name, image_decoder, channels, layers, h, 
 # ---- real size --------------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
-def _real_size_original_shapes(image_decoder: bool) -> dict:
-    """Key -> shape of a real-size original file's VAE part, built from meta-device diffusers models."""
-    kwargs = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-                  down_block_types=("DownEncoderBlock2D",) * 4)
-    with torch.device("meta"):
-        image = TorchAutoencoderKL(up_block_types=("UpDecoderBlock2D",) * 4, **kwargs)
-        used = image if image_decoder else TorchAutoencoderKLTemporalDecoder(**kwargs)
-
-    def shapes(model, temporal):
-        return original_shapes({k: tuple(v.shape) for k, v in model.state_dict().items()}, 4, temporal)
-
-    source = shapes(used, temporal=not image_decoder)
-    source.update(unused_parts(shapes(image, temporal=False), image_decoder))
-    return source
-
-
 @pytest.mark.parametrize("image_decoder", [False, True])
 def test_real_size_original_maps_key_for_key(image_decoder):
-    source = _real_size_original_shapes(image_decoder)
+    source = real_size_original_shapes(image_decoder)
     keys = sorted(source)
     config = original_vae.default_config(keys, "svd.safetensors")
     assert config == (svd_jax.VAEConfig.svd_image_decoder() if image_decoder else svd_jax.VAEConfig.svd())
@@ -127,8 +88,8 @@ def test_real_size_original_maps_key_for_key(image_decoder):
 
 
 def test_config_follows_the_file():
-    temporal = sorted(_real_size_original_shapes(False))
-    image = sorted(_real_size_original_shapes(True))
+    temporal = sorted(real_size_original_shapes(False))
+    image = sorted(real_size_original_shapes(True))
     assert original_vae.adapt_config(svd_jax.VAEConfig.svd(), image).decoder == "image"
     assert original_vae.adapt_config(svd_jax.VAEConfig.svd_image_decoder(), temporal).decoder == "temporal"
 

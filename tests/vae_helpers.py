@@ -136,3 +136,40 @@ def original_shapes(shapes: dict, num_blocks: int, temporal: bool) -> dict[str, 
     """The same for ``{diffusers key: shape}`` (a meta-device model's state dict)."""
     return {original_name(k, num_blocks, temporal): unsqueeze_attention(k, np.broadcast_to(np.float32(0), s)).shape
             for k, s in shapes.items()}
+
+
+FIRST_STAGE_ENCODER = "first_stage_model.encoder."
+EMBEDDER_DECODER = "conditioner.embedders.3.encoder.decoder."
+EMBEDDER_POST_QUANT_CONV = "conditioner.embedders.3.encoder.post_quant_conv."
+
+
+def _move(tensors: dict, old: str, new: str) -> dict:
+    return {new + k[len(old):]: v for k, v in tensors.items() if k.startswith(old)}
+
+
+def unused_parts(other: dict, image_decoder: bool) -> dict:
+    """The parts of the file the converter must not use, taken from ``other``, another image VAE's tensors (or
+    shapes) under the original names: the first-stage encoder (plus its quant_conv in the image-decoder file) and
+    the embedder's decoder and post_quant_conv."""
+    parts = {**_move(other, ENC, FIRST_STAGE_ENCODER), **_move(other, DEC, EMBEDDER_DECODER),
+             **_move(other, "first_stage_model.post_quant_conv.", EMBEDDER_POST_QUANT_CONV)}
+    if image_decoder:
+        parts.update(_move(other, "conditioner.embedders.3.encoder.quant_conv.", "first_stage_model.quant_conv."))
+    return parts
+
+
+@functools.lru_cache(maxsize=None)
+def real_size_original_shapes(image_decoder: bool) -> dict:
+    """Key -> shape of a real-size original file's VAE part, built from meta-device diffusers models."""
+    kwargs = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                  down_block_types=("DownEncoderBlock2D",) * 4)
+    with torch.device("meta"):
+        image = AutoencoderKL(up_block_types=("UpDecoderBlock2D",) * 4, **kwargs)
+        used = image if image_decoder else AutoencoderKLTemporalDecoder(**kwargs)
+
+    def shapes(model, temporal):
+        return original_shapes({k: tuple(v.shape) for k, v in model.state_dict().items()}, 4, temporal)
+
+    source = shapes(used, temporal=not image_decoder)
+    source.update(unused_parts(shapes(image, temporal=False), image_decoder))
+    return source
