@@ -15,10 +15,12 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                                         "(must not exist unless --force)")
     parser.add_argument("--config", metavar="DIR",
                         help="a folder laid out like a diffusers repo without weights (image_encoder/config.json, "
-                             "unet/config.json, vae/config.json) for non-standard sizes")
+                             "unet/config.json, vae/config.json) for non-standard sizes (default: the source's "
+                             "own config.json files, else the released models' configs)")
     parser.add_argument("--unet", metavar="FILE",
                         help="convert this UNet instead of SRC's (a fine-tune such as AnimateLCM-SVD-xt.safetensors: "
-                             "a single file in diffusers naming, or a component folder); SRC gives the rest")
+                             "a single file in diffusers naming, or a component folder); SRC gives the rest "
+                             "(default: SRC's own UNet)")
     parser.add_argument("--force", action="store_true", help="replace an existing DST")
     parser.add_argument("--no-hash", action="store_true", help="skip the sha256 of the source files in the manifest")
     parser.add_argument("--to-diffusers", action="store_true",

@@ -65,6 +65,14 @@ def replace_destination(tmp: Path, dst: Path, force: bool) -> None:
         tmp.rename(dst)
 
 
+def _relative(path: Path, src: Path) -> str:
+    """A source file's path within the source folder (its name when the source is the file itself)."""
+    try:
+        return path.relative_to(src).as_posix() if src.is_dir() else path.name
+    except ValueError:
+        return path.name
+
+
 def _with_unet(sources: list[layouts.ComponentSource], unet: Path, config_dir) -> list[layouts.ComponentSource]:
     """``sources`` with their UNet replaced by the one UNet ``unet`` holds."""
     replacement = layouts.detect(unet, config_dir)
@@ -89,14 +97,17 @@ def convert(src, dst, config_dir=None, force: bool = False, hash_sources: bool =
         sources = _with_unet(sources, Path(unet), config_dir)
     planned = _prepare(sources)
     files = {f.path: f for source, _ in planned for f in source.files}
+    used_by = {path: [source.component for source, _ in planned if any(f.path == path for f in source.files)]
+               for path in files}
     manifest = {
         "format": "svd_jax",
         "converter_version": CONVERTER_VERSION,
         "source": {
             "path": str(src),
             **({"unet_path": str(unet)} if unet is not None else {}),
-            "files": [{"name": path.name, "bytes": path.stat().st_size,
-                       "sha256": f.sha256() if hash_sources else None} for path, f in files.items()],
+            "files": [{"name": path.name, "path": _relative(path, src), "components": used_by[path],
+                       "bytes": path.stat().st_size, "sha256": f.sha256() if hash_sources else None}
+                      for path, f in files.items()],
         },
         "components": {},
     }

@@ -3,10 +3,11 @@
 __version__ = "0.1.0"
 
 from svd_jax.configs import CLIPVisionConfig, UNetConfig, VAEConfig
+from svd_jax.display import show
 from svd_jax.loader import SVDModels, load
 from svd_jax.pipeline import PRESETS, generate
 from svd_jax.policy import Policy
 from svd_jax.video import save_video
 
-__all__ = ["load", "generate", "save_video", "PRESETS", "SVDModels", "Policy", "CLIPVisionConfig", "UNetConfig",
-           "VAEConfig", "__version__"]
+__all__ = ["load", "generate", "save_video", "show", "PRESETS", "SVDModels", "Policy", "CLIPVisionConfig",
+           "UNetConfig", "VAEConfig", "__version__"]

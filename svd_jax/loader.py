@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,10 @@ HUB_COMPONENT_FILES = {
     "fp32": ["unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
              "image_encoder/model.safetensors"],
 }
+# The tiny random model's own generation settings (SVDModels.settings): small enough that a whole generation
+# takes seconds on a CPU. Its VAE downsamples by 2 (not 8), so at the released models' 576x1024 its UNet would
+# attend over 147,456 latent tokens: many GB and many minutes for a video of noise.
+TINY_SETTINGS = {"height": 64, "width": 96, "num_frames": 4, "num_inference_steps": 2}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -42,6 +47,9 @@ class SVDModels:
     image_encoder: Any = None
     unet: Any = None
     vae: Any = None
+    # generation settings this model suggests for arguments a call does not give (the tiny model's small size);
+    # empty for real models, which take diffusers' defaults
+    settings: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def require(self, *components: str) -> None:
         """Raise a clear error if a component needed for the task at hand was not converted."""
@@ -95,7 +103,13 @@ def _converted_copy(source: Path) -> Path:
     target = cache_dir() / "converted" / f"{source.stem}-{_source_fingerprint(source)}"
     if not (target / MANIFEST).is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
+        files = [source] if source.is_file() else list(source.rglob("*.safetensors"))
+        size = sum(f.stat().st_size for f in files)
+        print(f"converting {source} ({size / 2**30:.2f} GiB of safetensors) into {target} once; later loads reuse "
+              "it", file=sys.stderr, flush=True)
         convert(source, target, force=target.exists())
+        written = sum(f.stat().st_size for f in target.rglob("*") if f.is_file())
+        print(f"converted into {target} ({written / 2**30:.2f} GiB)", file=sys.stderr, flush=True)
     return target
 
 
@@ -112,7 +126,8 @@ def _download(repo_id: str, variant: str) -> Path:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise RuntimeError(
             f"cannot download {repo_id!r} from the Hugging Face Hub ({type(e).__name__}: {reason}). "
-            "Offline? Gated models need `huggingface-cli login` and the license accepted on the model page; "
+            "Offline? Gated models need `hf auth login` (huggingface_hub's command) and the license accepted "
+            "on the model page; "
             "or download the files yourself and pass the folder."
         ) from None
 
@@ -162,10 +177,27 @@ def random_models(configs: dict, policy: Policy | None = None, seed: int = 0, na
     return models
 
 
+def tiny_configs() -> dict:
+    """The tiny model's component configs: a 2-layer CLIP tower (width 32), a 2-level UNet (32/64 channels), a
+    VAE with 32/64 channels that downsamples by 2."""
+    return {"image_encoder": CLIPVisionConfig.tiny(), "unet": UNetConfig.tiny(), "vae": VAEConfig.tiny()}
+
+
 def tiny_models(policy: Policy | None = None, seed: int = 0) -> SVDModels:
-    """Tiny randomly initialised components: the whole pipeline runs in seconds; the output is noise."""
-    configs = {"image_encoder": CLIPVisionConfig.tiny(), "unet": UNetConfig.tiny(), "vae": VAEConfig.tiny()}
-    return random_models(configs, policy, seed, name=TINY)
+    """Tiny randomly initialised components: the whole pipeline runs in seconds; the output is noise. Generation
+    defaults to the tiny model's own small settings (:data:`TINY_SETTINGS`)."""
+    models = random_models(tiny_configs(), policy, seed, name=TINY)
+    models.settings = dict(TINY_SETTINGS)
+    return models
+
+
+def model_configs(path) -> dict:
+    """``{component: config}`` of ``"tiny"`` or a converted folder, read without loading any weights (to check
+    generation arguments before loading)."""
+    if path == TINY:
+        return tiny_configs()
+    manifest = read_manifest(path)
+    return {name: config_from_dict(info["config"]) for name, info in manifest.get("components", {}).items()}
 
 
 def load(path, policy: Policy | None = None, components=None, sharding: Sharder | None = None,

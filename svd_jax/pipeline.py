@@ -10,20 +10,22 @@ video generated alone, and tests can inject the noise the PyTorch pipeline used.
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import PIL.Image
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
-from tqdm.auto import tqdm
 
 from svd_jax import preprocess, scheduler, sharding
 from svd_jax.components import recast
 from svd_jax.loader import SVDModels
 from svd_jax.policy import Policy
+from svd_jax.progress import StepBar
 from svd_jax.vae import decode_latents
 
 # Sampler settings of the original code (sgm) per model, and diffusers' pipeline defaults. fps is the frame
@@ -41,7 +43,9 @@ PRESETS = {
 # Conditioning values the released models were trained on; outside them generation runs but is unreliable.
 MOTION_BUCKET_RANGE = (0, 255)
 FPS_RANGE = (3, 30)
-OUTPUT_TYPES = ("np", "uint8", "latent")
+OUTPUT_TYPES = ("np", "uint8", "pil", "latent")
+# diffusers' defaults for what neither a call nor the model's own settings give (num_frames: the UNet's count)
+DIFFUSERS_DEFAULTS = {"height": 576, "width": 1024, "num_frames": None, "num_inference_steps": 25}
 
 
 class Conditioning(NamedTuple):
@@ -59,16 +63,36 @@ def _positive_int(value, name: str) -> int:
     return int(value)
 
 
+def size_multiple(unet_config, vae_config) -> int:
+    """Height and width must be multiples of this: the VAE's downsampling times the UNet's (64 for the released
+    models, 4 for the tiny one), and of 8, the image processor's rule that diffusers applies."""
+    return math.lcm(8, vae_config.downsample_factor * unet_config.downsample_factor)
+
+
+def check_size(height, width, unet_config, vae_config) -> None:
+    """The one size rule, checked from the configs alone (the CLI checks it before loading any weights)."""
+    multiple = size_multiple(unet_config, vae_config)
+    for value, name in ((height, "height"), (width, "width")):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1 or value % multiple:
+            raise ValueError(f"{name} must be a positive multiple of {multiple} for this model (its VAE downsamples "
+                             f"by {vae_config.downsample_factor}, its UNet by {unet_config.downsample_factor}), "
+                             f"got {value!r}")
+
+
+def resolve_settings(model_settings: dict, unet_config, **given) -> dict:
+    """``height``, ``width``, ``num_frames`` and ``num_inference_steps``: as given, else the model's suggested
+    settings (:attr:`SVDModels.settings`, e.g. the tiny model's small size), else diffusers' defaults (576x1024,
+    25 steps) and the UNet's trained frame count."""
+    defaults = {**DIFFUSERS_DEFAULTS, "num_frames": unet_config.num_frames, **model_settings}
+    return {name: defaults[name] if given.get(name) is None else given[name] for name in DIFFUSERS_DEFAULTS}
+
+
 def _check_arguments(num_frames, num_inference_steps, sigmas, height, width, decode_chunk_size, fps,
-                     motion_bucket_id, noise_aug_strength, output_type, vae_scale: int, down_factor: int):
+                     motion_bucket_id, noise_aug_strength, output_type, unet_config, vae_config):
     _positive_int(num_frames, "num_frames")
     if sigmas is None:
         _positive_int(num_inference_steps, "num_inference_steps")
-    for value, name in ((height, "height"), (width, "width")):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1 or value % (
-                vae_scale * down_factor):
-            raise ValueError(f"{name} must be a positive multiple of {vae_scale * down_factor} "
-                             f"(the VAE's factor {vae_scale} x the UNet's {down_factor}), got {value!r}")
+    check_size(height, width, unet_config, vae_config)
     if decode_chunk_size is not None:
         _positive_int(decode_chunk_size, "decode_chunk_size")
     if output_type not in OUTPUT_TYPES:
@@ -194,10 +218,10 @@ def generate(
     image,
     model: SVDModels,
     *,
-    height: int = 576,
-    width: int = 1024,
+    height: int | None = None,
+    width: int | None = None,
     num_frames: int | None = None,
-    num_inference_steps: int = 25,
+    num_inference_steps: int | None = None,
     sigmas: Sequence[float] | None = None,
     min_guidance_scale: float = 1.0,
     max_guidance_scale: float = 3.0,
@@ -211,26 +235,31 @@ def generate(
     noise=None,
     output_type: str = "np",
     callback_on_step_end: Callable | None = None,
-    progress: bool = True,
+    progress: bool | str = True,
     mesh: Mesh | None = None,
 ):
     """Generate videos from images; names and defaults as diffusers' ``StableVideoDiffusionPipeline``.
 
-    ``image``: a path, PIL image or numpy array, or a list of them (one video each). ``num_frames`` defaults to
-    the UNet's trained frame count. ``seed``: one int (video ``i`` uses ``seed + i``) or one per image.
-    ``latents [B, F, h, w, 4]`` (unit-variance, scaled by the schedule here) and ``noise [B, H, W, 3]`` (the
-    augmentation noise) replace the drawn noise. ``callback_on_step_end(step, sigma, latents)`` runs after every
-    step; returning an array replaces the latents. Returns frames ``[B, F, H, W, 3]``: float32 in [0, 1]
-    (``"np"``), uint8 (``"uint8"``), or the final scaled latents (``"latent"``). See :data:`PRESETS` for the
+    ``image``: a path, PIL image or numpy array, or a list of them (one video each). ``height``, ``width``,
+    ``num_frames`` and ``num_inference_steps`` default to the model's own settings (the tiny model's: 64x96, 4
+    frames, 2 steps), else diffusers' 576x1024, the UNet's trained frame count and 25 steps. ``seed``: one int
+    (video ``i`` uses ``seed + i``) or one per image. ``latents [B, F, h, w, 4]`` (unit-variance, scaled by the
+    schedule here) and ``noise [B, H, W, 3]`` (the augmentation noise) replace the drawn noise.
+    ``callback_on_step_end(step, sigma, latents)`` runs after every step has finished; returning an array
+    replaces the latents. ``progress``: a bar that advances as steps finish (``False``: none; ``"verbose"``: also
+    each step's time). Returns frames ``[B, F, H, W, 3]``: float32 in [0, 1] (``"np"``), uint8 (``"uint8"``),
+    a list of B lists of F PIL images (``"pil"``, as diffusers), or the final scaled latents (``"latent"``). See :data:`PRESETS` for the
     original code's settings per model (``generate(image, model, **PRESETS["svd_xt"])``). ``mesh`` (see
     :mod:`svd_jax.sharding`) splits the videos and guidance halves across devices; results equal one device's.
     """
     model.require("image_encoder", "unet", "vae")
-    num_frames = model.unet.config.num_frames if num_frames is None else num_frames
+    size = resolve_settings(model.settings, model.unet.config, height=height, width=width, num_frames=num_frames,
+                            num_inference_steps=num_inference_steps)
+    height, width, num_frames, num_inference_steps = (
+        size["height"], size["width"], size["num_frames"], size["num_inference_steps"])
     vae_scale = model.vae.config.downsample_factor
-    down_factor = model.unet.config.downsample_factor
     _check_arguments(num_frames, num_inference_steps, sigmas, height, width, decode_chunk_size, fps,
-                     motion_bucket_id, noise_aug_strength, output_type, vae_scale, down_factor)
+                     motion_bucket_id, noise_aug_strength, output_type, model.unet.config, model.vae.config)
     images = [preprocess.load_image(im) for im in (image if isinstance(image, (list, tuple)) else [image])]
     batch = len(images)
     sched = scheduler.schedule(num_steps=None if sigmas is not None else num_inference_steps, sigmas=sigmas)
@@ -259,14 +288,15 @@ def generate(
                         jnp.asarray(scales) if guided else None)
 
     x = _place(latent_noise * jnp.float32(sched.init_noise_sigma), mesh)
-    steps = tqdm(range(sched.num_steps), desc="denoising", disable=not progress)
-    for i in steps:
-        sigma, sigma_next = sched.sigmas[i], sched.sigmas[i + 1]
-        x = fns.step(x, sigma, sigma_next, sched.timesteps[i], cond)
-        if callback_on_step_end is not None:
-            replaced = callback_on_step_end(i, float(sigma), x)
-            if replaced is not None:
-                x = _checked_array(replaced, x.shape, "latents returned by callback_on_step_end")
+    with StepBar(sched.num_steps, "denoising", enabled=bool(progress), verbose=progress == "verbose") as bar:
+        for i in range(sched.num_steps):
+            sigma, sigma_next = sched.sigmas[i], sched.sigmas[i + 1]
+            x = fns.step(x, sigma, sigma_next, sched.timesteps[i], cond)
+            bar.step_done(x)
+            if callback_on_step_end is not None:
+                replaced = callback_on_step_end(i, float(sigma), x)
+                if replaced is not None:
+                    x = _checked_array(replaced, x.shape, "latents returned by callback_on_step_end")
     if output_type == "latent":
         return x
     if mesh is not None:  # decoding runs on one device (the VAE is small next to the sampling loop)
@@ -276,8 +306,9 @@ def generate(
     frames = jnp.concatenate([decode_latents(model.vae, x[b:b + 1], decode_chunk_size or num_frames)
                               for b in range(batch)])
     frames = jnp.clip(frames.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
-    if output_type == "uint8":
-        return np.asarray(jnp.round(frames * 255)).astype(np.uint8)
+    if output_type in ("uint8", "pil"):
+        frames = np.asarray(jnp.round(frames * 255)).astype(np.uint8)
+        return [[PIL.Image.fromarray(f) for f in v] for v in frames] if output_type == "pil" else frames
     return np.asarray(frames)
 
 

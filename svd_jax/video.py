@@ -6,6 +6,8 @@ end, so a failed write leaves nothing behind (and an existing file at the destin
 
 from __future__ import annotations
 
+import glob
+import json
 import math
 import os
 import secrets
@@ -17,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-__all__ = ["FILE_FORMATS", "check_destination", "frames_to_uint8", "save_video"]
+__all__ = ["FILE_FORMATS", "check_destination", "discard_partial", "frames_to_uint8", "save_video", "write_settings"]
 
 FILE_FORMATS = (".mp4", ".gif", ".webp")
 H264_CRF = 18  # x264 constant-rate factor: 18 is visually near-lossless; imageio's default is 25.
@@ -119,6 +121,34 @@ def _destination(path) -> tuple[Path, str]:
     return final, suffix
 
 
+def _temporary(final: Path, suffix: str = "") -> Path:
+    """Where ``final`` is written before it is renamed into place (see :func:`discard_partial`)."""
+    return final.parent / f".{final.name}.{secrets.token_hex(4)}.partial{suffix}"
+
+
+def discard_partial(path) -> None:
+    """Remove what an interrupted write of ``path`` (a video or its settings file) left behind: the temporary
+    siblings that are renamed into place only when complete. The destination itself is never touched."""
+    final, _ = _destination(path)
+    for leftover in final.parent.glob(f".{glob.escape(final.name)}.*.partial*"):
+        shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+
+
+def write_settings(path, settings: dict) -> Path:
+    """Write ``settings`` (how a video was made: seed, model, sampler settings) as JSON next to the video
+    ``path`` as ``<path>.json``, atomically. Returns the JSON file's path."""
+    final = Path(os.fspath(path).rstrip("/" + os.sep))
+    target = final.with_name(final.name + ".json")
+    temporary = _temporary(target)
+    try:
+        temporary.write_text(json.dumps(settings, indent=2) + "\n")
+        os.replace(temporary, target)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    return target
+
+
 def check_destination(path) -> tuple[Path, str]:
     """Validate an output path before any work is done: known format, existing parent folder, and no
     non-empty folder in the way. Returns the final path and its format (an extension or "folder")."""
@@ -150,7 +180,7 @@ def save_video(frames, path: str | os.PathLike, fps: float = 7) -> Path:
     video = frames_to_uint8(frames)
     parent = final.parent
     suffix = "" if kind == "folder" else kind
-    temporary = parent / f".{final.name}.{secrets.token_hex(4)}.partial{suffix}"
+    temporary = _temporary(final, suffix)
     try:
         if kind == "folder":
             temporary.mkdir()

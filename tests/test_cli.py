@@ -1,7 +1,11 @@
 """``svd-jax generate``: the tiny model end to end to a playable video, and bad input refused early."""
 
+import json
+import re
+import signal
 import subprocess
 import sys
+import threading
 import time
 
 import imageio_ffmpeg
@@ -25,15 +29,45 @@ def run(*args, timeout=600):
     return subprocess.run([*CLI, *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
-def test_tiny_model_writes_a_playable_mp4(tmp_path, image):
+def test_tiny_model_writes_a_playable_mp4_and_its_seed(tmp_path, image):
     out = tmp_path / "x.mp4"
-    result = run(image, "-o", out, "--model", "tiny", "--seed", "1")
+    result = run(image, "-o", out, "--model", "tiny")  # no --seed: a random one, printed and recorded
     assert result.returncode == 0, result.stderr[-2000:]
     assert "noise" in result.stderr  # says plainly that the tiny model makes noise
     reader = imageio_ffmpeg.read_frames(str(out))
     meta = next(reader)
     frames = list(reader)
-    assert meta["size"] == (96, 64) and len(frames) == 4
+    assert meta["size"] == (96, 64) and len(frames) == 4  # the tiny model's own settings
+    printed = re.search(r"seed (\d+)", result.stderr)
+    assert printed, result.stderr
+    settings = json.loads((tmp_path / "x.mp4.json").read_text())
+    assert settings["seed"] == int(printed.group(1)) and f"seed {settings['seed']}" in result.stdout
+    assert (settings["height"], settings["width"], settings["num_frames"]) == (64, 96, 4)
+
+
+def test_ctrl_c_exits_130_within_seconds_without_traceback(tmp_path, image):
+    out = tmp_path / "x.mp4"
+    process = subprocess.Popen([*CLI, str(image), "-o", str(out), "--model", "tiny", "--num-inference-steps", "1000",
+                                "--seed", "0"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    stderr = bytearray()
+    reader = threading.Thread(target=lambda: [stderr.extend(chunk) for chunk in iter(
+        lambda: process.stderr.read1(4096), b"")], daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 300
+    while b" 1/1000 " not in stderr and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)  # until the first step has finished: compiled and sampling
+    assert b" 1/1000 " in stderr, stderr.decode(errors="replace")
+    process.send_signal(signal.SIGINT)
+    sent = time.monotonic()
+    code = process.wait(timeout=60)
+    waited = time.monotonic() - sent
+    reader.join(10)
+    text = stderr.decode(errors="replace")
+    assert code == 130, text[-2000:]
+    assert waited < 10, f"exited {waited:.1f} s after Ctrl-C"
+    assert "Traceback" not in text
+    assert text.strip().splitlines()[-1].split("\r")[-1] == "interrupted", text[-500:]
+    assert not any(p.name.startswith(("x.", ".x.")) for p in tmp_path.iterdir())  # nothing half-written
 
 
 @pytest.mark.parametrize("args, needle", [

@@ -28,6 +28,10 @@ def test_quickstart_converts_loads_generates_and_saves(tmp_path, monkeypatch):
     assert (tmp_path / "converted" / "manifest.json").is_file()
     assert (tmp_path / "out.gif").stat().st_size > 0
     assert "wrote" in outputs(notebook)
+    html = [o["data"]["text/html"] for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs
+            if "text/html" in o.get("data", {})]
+    assert any("<video" in h and "data:video/mp4;base64," in h for h in html)  # svd_jax.show played it inline
+    assert "Warning" not in outputs(notebook)  # e.g. tqdm's "IProgress not found" without ipywidgets
 
 
 def test_parity_notebook_tiny(tmp_path, monkeypatch):

@@ -165,3 +165,40 @@ def test_half_precision_policy_runs_close_to_float32_and_encodes_in_float32(half
     # tiny UNet alone differs by ~3e-2 here, this one step by ~6e-2); fp16 keeps 11. The ladder's 1e-2 budget is
     # for one full-size UNet evaluation: benchmarks/unet_precision.py on an accelerator.
     assert error < bound
+
+
+def test_progress_bar_counts_finished_steps_and_pil_output(converted, monkeypatch):
+    """The bar advances only once a step's result is computed (not when it is dispatched), so at every step's
+    callback the bar shows exactly the steps done so far and the latents are ready."""
+    from svd_jax import progress
+
+    class RecordingBar:
+        def __init__(self, *args, total=None, disable=False, **kwargs):
+            self.n, self.total = 0, total
+
+        def update(self, k=1):
+            self.n += k
+
+        def write(self, *args, **kwargs):
+            pass
+
+        def close(self):
+            pass
+
+    bars, seen = [], []
+
+    def make_bar(*args, **kwargs):
+        bars.append(RecordingBar(*args, **kwargs))
+        return bars[-1]
+
+    monkeypatch.setattr(progress, "progress_bar", make_bar)
+    _, models = converted
+    frames = svd_jax.generate(random_image(48, 32, 1), models, height=32, width=48, num_frames=2,
+                              num_inference_steps=3, seed=0, output_type="pil",
+                              callback_on_step_end=lambda i, sigma, x: seen.append((i, bars[0].n, x.is_ready())))
+    assert seen == [(0, 1, True), (1, 2, True), (2, 3, True)]
+    assert len(frames) == 1 and len(frames[0]) == 2
+    assert all(isinstance(f, PIL.Image.Image) and f.size == (48, 32) and f.mode == "RGB" for f in frames[0])
+    same = svd_jax.generate(random_image(48, 32, 1), models, height=32, width=48, num_frames=2,
+                            num_inference_steps=3, seed=0, output_type="uint8", progress=False)
+    np.testing.assert_array_equal(np.stack([np.asarray(f) for f in frames[0]]), same[0])

@@ -18,11 +18,11 @@ EXIT_USAGE = 2
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("config", help="training config, .json or .toml")
-    parser.add_argument("--steps", type=int, help="train until this many steps are done (overrides the config)")
-    parser.add_argument("--output-dir", help="where checkpoints, losses, samples and the model go")
+    parser.add_argument("--steps", type=int, help="train until this many steps are done (default: the config's steps)")
+    parser.add_argument("--output-dir", help="where checkpoints, losses, samples and the model go (default: the config's output_dir)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. optimizer.learning_rate=3e-5 (repeatable)")
-    parser.add_argument("--single-device", action="store_true", help="train on the first device only")
+                        help="override a config value, e.g. optimizer.learning_rate=3e-5 (repeatable; default: none)")
+    parser.add_argument("--single-device", action="store_true", help="train on the first device only (default: all local devices)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
