@@ -134,3 +134,18 @@ def test_config_files_and_errors(tmp_path):
         load_config(tmp_path / "c.yaml")
     with pytest.raises(FileNotFoundError):
         load_config(tmp_path / "missing.json")
+
+
+def test_reading_videos_does_not_fork_the_jax_process(folder, monkeypatch):
+    """ffmpeg is started without a fork that runs Python in the child (JAX warns of a deadlock on such forks)."""
+    import jax.numpy as jnp
+
+    jnp.zeros(1).block_until_ready()  # JAX's threads are running, as in training
+    monkeypatch.delenv("IMAGEIO_FFMPEG_NO_PREVENT_SIGINT", raising=False)
+    config = DataConfig(path=str(folder), num_frames=3, height=16, width=16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        clips = VideoClips(config, 0)
+        ref = next(clips.sampler(p) for p in range(20) if clips.entries[clips.sampler(p).video].name == "b.mp4")
+        clips.read(ref, clips.frame_indices(ref))
+    assert not [w for w in caught if "fork" in str(w.message)]

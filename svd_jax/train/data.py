@@ -19,6 +19,7 @@ import concurrent.futures
 import dataclasses
 import functools
 import json
+import os
 import warnings
 from pathlib import Path
 from typing import Iterator, NamedTuple
@@ -49,9 +50,7 @@ class VideoEntry:
         """The frames at ``indices`` (increasing) as RGB images."""
         if self.frame_files:
             return [_open_rgb(self.frame_files[i]) for i in indices]
-        import imageio.v2 as imageio
-
-        with imageio.get_reader(self.path, format="ffmpeg") as reader:
+        with open_video(self.path) as reader:
             return [PIL.Image.fromarray(np.asarray(reader.get_data(int(i)))).convert("RGB") for i in indices]
 
     def frames(self) -> Iterator[PIL.Image.Image]:
@@ -59,9 +58,7 @@ class VideoEntry:
         if self.frame_files:
             yield from (_open_rgb(f) for f in self.frame_files)
             return
-        import imageio.v2 as imageio
-
-        with imageio.get_reader(self.path, format="ffmpeg") as reader:
+        with open_video(self.path) as reader:
             for i, frame in enumerate(reader):
                 if i == self.num_frames:
                     break
@@ -76,11 +73,21 @@ def _open_rgb(path: Path) -> PIL.Image.Image:
         raise ValueError(f"{path}: cannot read the frame ({e})") from None
 
 
-def _video_info(path: Path) -> tuple[int, float]:
+def open_video(path: Path):
+    """imageio's ffmpeg reader for ``path``. imageio-ffmpeg starts ffmpeg with ``preexec_fn=os.setpgrp`` (to keep
+    Ctrl-C from it) unless ``IMAGEIO_FFMPEG_NO_PREVENT_SIGINT`` is set; a ``preexec_fn`` makes Python fork the
+    whole multithreaded process and run Python code in the child, which can deadlock with JAX's threads (JAX warns
+    on every such fork). With the variable set (unless the user set it), ffmpeg is started without running Python
+    in the child, and receives Ctrl-C with the training it serves."""
     import imageio.v2 as imageio
 
+    os.environ.setdefault("IMAGEIO_FFMPEG_NO_PREVENT_SIGINT", "1")
+    return imageio.get_reader(path, format="ffmpeg")
+
+
+def _video_info(path: Path) -> tuple[int, float]:
     try:
-        with imageio.get_reader(path, format="ffmpeg") as reader:
+        with open_video(path) as reader:
             return int(reader.count_frames()), float(reader.get_meta_data().get("fps") or 0.0)
     except Exception as e:  # imageio/ffmpeg raise a variety of types for unreadable files
         raise ValueError(f"{path}: cannot read the video ({type(e).__name__}: {e})") from None
