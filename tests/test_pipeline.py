@@ -113,7 +113,7 @@ def test_callback_can_replace_latents(converted):
     (dict(height=30), "height"),
     (dict(width=33), "width"),
     (dict(decode_chunk_size=0), "decode_chunk_size"),
-    (dict(output_type="pil"), "output_type"),
+    (dict(output_type="gif"), "output_type"),
     (dict(seed=[1, 2]), "seeds"),
     (dict(latents=np.zeros((1, 2, 4, 4, 4))), "latents"),
 ])
