@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import hashlib
 import json
@@ -217,13 +218,20 @@ def load(path, policy: Policy | None = None, components=None, sharding: Sharder 
     available = [c for c in COMPONENT_CONFIGS if c in manifest.get("components", {})]
     wanted = available if components is None else list(components)
     models = SVDModels(path, policy, manifest)
+    configs = {}
     for component in wanted:
         if component not in available:
             raise ValueError(f"{path} has no {component} (it holds {', '.join(available) or 'nothing'})")
         folder = path / component
         if not (folder / PARAMS_DIR).is_dir():
             raise ValueError(f"{folder}: missing its {PARAMS_DIR} checkpoint")
-        config = config_from_dict(json.loads((folder / "config.json").read_text()))
-        model = restore_model(abstract_model(component, config, policy), folder, policy, sharding)
-        setattr(models, component, model)
+        configs[component] = config_from_dict(json.loads((folder / "config.json").read_text()))
+    # Each restore (reads, casts, placement: mostly outside the GIL) runs in a thread of its own while the next
+    # component's abstract model is built here; the largest component first, so that its restore starts first.
+    largest_first = sorted(configs, key=lambda c: -manifest["components"][c].get("num_params", 0))
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(len(configs), 1)) as pool:
+        restoring = {c: pool.submit(restore_model, abstract_model(c, configs[c], policy), path / c, policy, sharding)
+                     for c in largest_first}
+        for component, restored in restoring.items():
+            setattr(models, component, restored.result())
     return models

@@ -100,3 +100,32 @@ def test_random_models_take_a_custom_draw():
     kernel = np.asarray(models.vae.decoder.conv_in.kernel[...])
     assert calls and np.allclose(kernel, kernel.flat[0]) and kernel.flat[0] == pytest.approx(
         np.prod(kernel.shape[:-1]) ** -0.5)
+
+
+def test_components_are_restored_concurrently_and_exactly(tmp_path, monkeypatch):
+    """Each component is restored in a thread of its own (the barrier lets a restore on only once all three are
+    under way), and what is restored is exactly what was saved."""
+    import threading
+
+    from flax import nnx
+
+    from svd_jax.train.checkpoints import save_models
+
+    policy = svd_jax.Policy.float32()
+    drawn = svd_jax.load("tiny", policy=policy)
+    folder = save_models(tmp_path / "saved", {c: getattr(drawn, c) for c in ("image_encoder", "unet", "vae")})
+    all_under_way = threading.Barrier(3, timeout=60)
+    restore = loader.restore_model
+
+    def restore_after_the_others_started(*args, **kwargs):
+        all_under_way.wait()
+        return restore(*args, **kwargs)
+
+    monkeypatch.setattr(loader, "restore_model", restore_after_the_others_started)
+    loaded = svd_jax.load(folder, policy=policy)
+    for component in ("image_encoder", "unet", "vae"):
+        saved, restored = (nnx.to_flat_state(nnx.state(getattr(m, component), nnx.Param)) for m in (drawn, loaded))
+        assert [path for path, _ in saved] == [path for path, _ in restored]
+        for (path, a), (_, b) in zip(saved, restored):
+            assert a.get_value().dtype == b.get_value().dtype
+            np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()), err_msg=str(path))
