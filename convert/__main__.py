@@ -1,5 +1,6 @@
 """``python -m convert SRC DST [--config DIR] [--unet FILE] [--force]``: PyTorch -> svd_jax.
-``python -m convert --to-diffusers SRC DST [--dtype D] [--force]``: a converted svd_jax folder -> a diffusers folder."""
+``python -m convert --to-diffusers SRC DST [--dtype D] [--lora FILE [--lora-scale S]] [--force]``: a converted svd_jax
+folder (with LoRA adapters merged into its UNet) -> a diffusers folder."""
 
 from __future__ import annotations
 
@@ -30,6 +31,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--accept-diffusers-eps", action="store_true",
                         help="with --to-diffusers: export a UNet with the original (sgm) GroupNorm eps, which "
                              "diffusers cannot express; diffusers will compute with its own eps")
+    parser.add_argument("--lora", metavar="FILE",
+                        help="with --to-diffusers: merge this UNet LoRA file (lora.safetensors) into the exported UNet")
+    parser.add_argument("--lora-scale", type=float, default=1.0, help="with --lora: the adapters' scale (default 1)")
     return parser
 
 
@@ -39,7 +43,7 @@ def _export(args: argparse.Namespace) -> int:
 
     try:
         summary = export(args.src, args.dst, dtype=args.dtype, force=args.force,
-                         accept_diffusers_eps=args.accept_diffusers_eps)
+                         accept_diffusers_eps=args.accept_diffusers_eps, lora=args.lora, lora_scale=args.lora_scale)
     except ConversionError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -60,8 +64,8 @@ def run(args: argparse.Namespace) -> int:
         print("error: --config, --no-hash and --unet apply to PyTorch -> svd_jax, not to --to-diffusers",
               file=sys.stderr)
         return 2
-    if not args.to_diffusers and (args.dtype or args.accept_diffusers_eps):
-        print("error: --dtype and --accept-diffusers-eps apply only with --to-diffusers", file=sys.stderr)
+    if not args.to_diffusers and (args.dtype or args.accept_diffusers_eps or args.lora):
+        print("error: --dtype, --accept-diffusers-eps and --lora apply only with --to-diffusers", file=sys.stderr)
         return 2
     return _export(args) if args.to_diffusers else _convert(args)
 

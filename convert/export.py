@@ -47,6 +47,7 @@ from convert.layouts import config_from_upstream
 from svd_jax.checkpoint import PARAMS_DIR, load_params, stored_params
 from svd_jax.components import COMPONENT_CONFIGS, abstract_model
 from svd_jax.configs import CLIPVisionConfig, UNetConfig, VAEConfig, config_from_dict
+from svd_jax.lora import merged_kernel, read_adapters
 
 # The first diffusers release with the SVD classes; recorded as the version the configs are written for.
 DIFFUSERS_VERSION = "0.24.0"
@@ -269,7 +270,22 @@ def _plan_component(component: str, src: Path, config, dtype: np.dtype | None, a
     return _Plan(component, expected, stored, dtypes, upstream, eps_changed)
 
 
-def _write_component(plan: _Plan, src: Path, dst: Path, dtype: np.dtype | None) -> dict:
+def _lora_updates(adapters, scale: float, plan: _Plan) -> dict[str, tuple]:
+    """``{kernel param: (A, B, alpha / rank * scale)}`` for merging LoRA adapters into the UNet's kernels."""
+    updates = {}
+    for name, (a, b) in adapters.layers.items():
+        param = f"{name}.kernel"
+        if param not in plan.stored:
+            raise ConversionError(f"LoRA adapter {name!r} has no linear layer of that path in the UNet")
+        if plan.stored[param][0] != (a.shape[0], b.shape[1]):
+            raise ConversionError(f"LoRA adapter {name!r} is {a.shape[0]}->{b.shape[1]}, the UNet's {param} has "
+                                  f"shape {list(plan.stored[param][0])}: trained for another model")
+        updates[param] = (a, b, adapters.alpha[name] / a.shape[1] * scale)
+    return updates
+
+
+def _write_component(plan: _Plan, src: Path, dst: Path, dtype: np.dtype | None,
+                     updates: dict[str, tuple] | None = None) -> dict:
     groups: dict[str, dict[str, rules.Target]] = {}
     for key, target in plan.expected.items():
         groups.setdefault(_read_group(target.param), {})[key] = target
@@ -280,7 +296,10 @@ def _write_component(plan: _Plan, src: Path, dst: Path, dtype: np.dtype | None) 
         for group in groups.values():
             params = load_params(src, [target.param for target in group.values()])
             for target in group.values():  # each stored array is dropped once its PyTorch layout is written
-                yield _torch_tensor(target, params.pop(target.param), dtype)
+                array = params.pop(target.param)
+                if updates and target.param in updates:
+                    array = merged_kernel(array, *updates[target.param])
+                yield _torch_tensor(target, array, dtype)
 
     dst.mkdir()
     write_safetensors(dst / WEIGHT_FILES[plan.component], specs, tensors(), {"format": "pt"})
@@ -318,9 +337,11 @@ def _read_source(src: Path) -> dict:
     return configs
 
 
-def export(src, out, dtype: str | None = None, force: bool = False, accept_diffusers_eps: bool = False) -> dict:
+def export(src, out, dtype: str | None = None, force: bool = False, accept_diffusers_eps: bool = False,
+           lora=None, lora_scale: float = 1.0) -> dict:
     """Write the converted folder ``src`` as the diffusers folder ``out``; returns a summary per component and
-    whether the pipeline files were written (all three components present)."""
+    whether the pipeline files were written (all three components present). ``lora``: a UNet LoRA file
+    (:mod:`svd_jax.lora`) merged into the exported UNet's weights with ``lora_scale``."""
     src, out = Path(src), Path(out)
     if dtype is not None and dtype not in DTYPES:
         raise ConversionError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
@@ -332,11 +353,21 @@ def export(src, out, dtype: str | None = None, force: bool = False, accept_diffu
     pipeline = set(configs) == set(COMPONENT_CONFIGS)
     cast = DTYPES.get(dtype)
     plans = [_plan_component(c, src / c, config, cast, accept_diffusers_eps) for c, config in configs.items()]
+    updates = {}
+    if lora is not None:
+        if "unet" not in configs:
+            raise ConversionError(f"{src} has no unet to merge the LoRA adapters into")
+        try:
+            adapters = read_adapters(lora)
+        except (OSError, ValueError) as e:
+            raise ConversionError(str(e)) from None
+        updates = _lora_updates(adapters, lora_scale, next(p for p in plans if p.component == "unet"))
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        summary = {plan.component: _write_component(plan, src / plan.component, tmp / plan.component, cast)
+        summary = {plan.component: _write_component(plan, src / plan.component, tmp / plan.component, cast,
+                                                    updates if plan.component == "unet" else None)
                    for plan in plans}
         if pipeline:
             _write_json(tmp / "model_index.json", model_index(configs["vae"]))

@@ -2,6 +2,7 @@
 
 __version__ = "0.1.0"
 
+from svd_jax import lora
 from svd_jax.configs import CLIPVisionConfig, UNetConfig, VAEConfig
 from svd_jax.display import show
 from svd_jax.loader import SVDModels, load
@@ -10,4 +11,4 @@ from svd_jax.policy import Policy
 from svd_jax.video import save_video
 
 __all__ = ["load", "generate", "save_video", "show", "PRESETS", "SVDModels", "Policy", "CLIPVisionConfig",
-           "UNetConfig", "VAEConfig", "__version__"]
+           "UNetConfig", "VAEConfig", "lora", "__version__"]

@@ -202,17 +202,36 @@ def model_configs(path) -> dict:
 
 
 def load(path, policy: Policy | None = None, components=None, sharding: Sharder | None = None,
-         hub_variant: str = "fp16") -> SVDModels:
+         hub_variant: str = "fp16", lora=None, lora_scale: float = 1.0, merge_lora: bool = True) -> SVDModels:
     """Restore the components (all by default) of a converted folder with the policy's dtypes.
 
     ``path`` may also be an unconverted diffusers folder or original single file (converted once into
     :func:`cache_dir` and reused), a Hugging Face repo id (needs the ``hub`` extra), or ``"tiny"`` for tiny random
     models. The policy defaults to bfloat16 on accelerators and float32 on CPU.
+
+    ``lora``: a UNet LoRA file (``lora.safetensors`` from ``svd-jax train``, or a diffusers/PEFT one) applied with
+    ``lora_scale``: merged into the UNet's weights, or with ``merge_lora=False`` kept as adapters whose scale
+    :func:`svd_jax.lora.set_scale` changes between calls.
     """
     policy = policy or Policy.default()
     enable_compilation_cache()
-    if path == TINY:
-        return tiny_models(policy)
+    adapters = None
+    if lora is not None:
+        from svd_jax.lora import read_adapters
+
+        if components is not None and "unet" not in components:
+            raise ValueError("lora= adapts the UNet: include 'unet' in components")
+        adapters = read_adapters(lora)  # before any weight is loaded: a bad file fails fast
+    models = tiny_models(policy) if path == TINY else _load_folder(path, policy, components, sharding, hub_variant)
+    if adapters is not None:
+        from svd_jax.lora import apply_adapters
+
+        models.require("unet")
+        apply_adapters(models.unet, adapters, lora_scale, merge_lora)
+    return models
+
+
+def _load_folder(path, policy: Policy, components, sharding: Sharder | None, hub_variant: str) -> SVDModels:
     path = resolve(path, hub_variant)
     manifest = read_manifest(path)
     available = [c for c in COMPONENT_CONFIGS if c in manifest.get("components", {})]

@@ -64,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    print(f"wrote {path} (load it with svd_jax.load); losses in {trainer.log.path}")
+    how = (f"svd_jax.load({config.model!r}, lora={str(path)!r})" if config.lora.enabled else "svd_jax.load")
+    print(f"wrote {path} (load it with {how}); losses in {trainer.log.path}")
     return 0
 
 

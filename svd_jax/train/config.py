@@ -36,6 +36,7 @@ from typing import Any
 
 TRAINABLE_PRESETS = ("all", "temporal")
 COMPUTE_DTYPES = ("bfloat16", "float32")
+REMAT_POLICIES = ("none", "block", "dots")
 
 
 def _check(condition: bool, message: str) -> None:
@@ -95,6 +96,39 @@ class OptimizerConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+    """``[lora]``: ``rank`` > 0 trains low-rank adapters (:mod:`svd_jax.lora`) instead of the UNet's weights."""
+
+    rank: int = 0  # 0: no LoRA (full or ``optimizer.trainable`` fine-tuning)
+    alpha: float | None = None  # the update is scaled by alpha / rank; default alpha = rank (scale 1)
+    dropout: float = 0.0  # dropout on the adapters' inputs
+    # named groups ("attention": q/k/v/out of the spatial transformer blocks, "feed_forward": their GEGLU
+    # feed-forward, "temporal": every linear layer of the temporal transformer blocks) or regular expressions
+    # searched in a linear layer's dotted path
+    targets: Any = ("attention",)
+
+    def __post_init__(self):
+        _check(isinstance(self.rank, int) and not isinstance(self.rank, bool) and self.rank >= 0,
+               f"lora.rank must be an integer >= 0, got {self.rank!r}")
+        _check(self.alpha is None or (isinstance(self.alpha, (int, float)) and self.alpha > 0),
+               f"lora.alpha must be > 0, got {self.alpha!r}")
+        _check(isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0,
+               f"lora.dropout must be in [0, 1), got {self.dropout!r}")
+        _check(not isinstance(self.targets, str) and bool(self.targets)
+               and all(isinstance(t, str) for t in self.targets),
+               f"lora.targets must be a non-empty list of group names or patterns, got {self.targets!r}")
+        object.__setattr__(self, "targets", tuple(self.targets))
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+    @property
+    def scale_alpha(self) -> float:
+        return float(self.rank if self.alpha is None else self.alpha)
+
+
+@dataclasses.dataclass(frozen=True)
 class DataConfig:
     path: str = ""
     num_frames: int = 14
@@ -130,11 +164,15 @@ class TrainConfig:
     objective: ObjectiveConfig = dataclasses.field(default_factory=ObjectiveConfig)
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     sample: SampleConfig = dataclasses.field(default_factory=SampleConfig)
+    lora: LoRAConfig = dataclasses.field(default_factory=LoRAConfig)
     steps: int = 1000
     batch_size: int = 1
     seed: int = 0
     compute_dtype: str = "bfloat16"  # parameters and optimizer state are always float32
-    remat: bool = True  # gradient checkpointing of every UNet resnet and transformer
+    # gradient checkpointing of every UNet resnet and transformer: "block" (keep only each layer's input), "dots"
+    # (also keep the linear layers' outputs: less recomputation, more memory) or "none"; true/false mean
+    # "block"/"none"
+    remat: Any = "block"
     shard_params: bool = False  # FSDP: split parameters and optimizer state across the devices
     shard_min_size: int = 2 ** 18  # with shard_params, smaller parameters stay replicated
     checkpoint_every: int = 500
@@ -150,12 +188,18 @@ class TrainConfig:
         _check(isinstance(self.seed, int) and self.seed >= 0, f"seed must be an integer >= 0, got {self.seed!r}")
         _check(self.compute_dtype in COMPUTE_DTYPES,
                f"compute_dtype must be one of {COMPUTE_DTYPES}, got {self.compute_dtype!r}")
+        if isinstance(self.remat, bool):
+            object.__setattr__(self, "remat", "block" if self.remat else "none")
+        _check(self.remat in REMAT_POLICIES, f"remat must be one of {REMAT_POLICIES} (or true/false), got {self.remat!r}")
+        _check(not self.lora.enabled or self.optimizer.trainable == "all",
+               "optimizer.trainable does not apply with [lora] (the adapters are what trains); remove one of them")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-_SECTIONS = {"data": DataConfig, "objective": ObjectiveConfig, "optimizer": OptimizerConfig, "sample": SampleConfig}
+_SECTIONS = {"data": DataConfig, "objective": ObjectiveConfig, "optimizer": OptimizerConfig, "sample": SampleConfig,
+             "lora": LoRAConfig}
 
 
 def _build(cls, values: dict, where: str):

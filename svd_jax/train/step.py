@@ -18,11 +18,17 @@ import optax
 from flax import nnx
 
 from svd_jax import sharding
+from svd_jax.lora import fresh_dropout_keys
 from svd_jax.train.conditioning import ClipFeatures, training_batch
 from svd_jax.train.config import ObjectiveConfig, OptimizerConfig
 from svd_jax.train.objective import diffusion_loss, draw_diffusion_noise
 from svd_jax.train.params import SplitModel
 from svd_jax.train.placement import Layout, tree_shardings
+
+
+# The LoRA adapters' dropout keys come from the step's key folded with this (the batch and noise keys are
+# unchanged by it, so runs without dropout draw what they drew before).
+DROPOUT_STREAM = 1
 
 
 class TrainState(NamedTuple):
@@ -87,6 +93,8 @@ def _train_step(setup: StepSetup, state: TrainState, frozen: dict, vae_params, f
     rng, key = jax.random.split(jax.random.wrap_key_data(state.rng))
     batch, noise = _inputs(setup, key, vae_params, features)
 
+    frozen = fresh_dropout_keys(frozen, jax.random.fold_in(key, DROPOUT_STREAM))
+
     def loss_fn(params):
         return diffusion_loss(setup.unet.merge(params, frozen), batch, noise)
 
@@ -105,6 +113,7 @@ def _train_step(setup: StepSetup, state: TrainState, frozen: dict, vae_params, f
 @functools.partial(jax.jit, static_argnums=0)
 def _evaluate(setup: StepSetup, params, frozen, vae_params, features, key):
     batch, noise = _inputs(setup, key, vae_params, features)
+    frozen = fresh_dropout_keys(frozen, jax.random.fold_in(key, DROPOUT_STREAM))
     return diffusion_loss(setup.unet.merge(params, frozen), batch, noise)[0]
 
 
@@ -124,6 +133,11 @@ class TrainStep:
 
     def __call__(self, state: TrainState, frozen: dict, vae_params, features: ClipFeatures):
         return _train_step(self.setup, state, frozen, vae_params, features)
+
+    def lower(self, state: TrainState, frozen: dict, vae_params, features: ClipFeatures):
+        """The step lowered for these arguments (arrays or ``jax.ShapeDtypeStruct``s with shardings): compiled,
+        not run, it gives XLA's memory and cost analyses (:mod:`svd_jax.train.plan`)."""
+        return _train_step.lower(self.setup, state, frozen, vae_params, features)
 
     def evaluate(self, params: dict, frozen: dict, vae_params, features: ClipFeatures, key) -> jax.Array:
         """The loss (no update) for a fixed ``key``: the same latents, augmentation and noise for every call, so

@@ -9,12 +9,14 @@
   :mod:`svd_jax.train.checkpoints`);
 * ``output_dir/samples/step-<step>.mp4``: every ``sample.every`` steps (if set);
 * ``output_dir/model/``: the fine-tuned UNet with the base VAE and image encoder, loadable with
-  :func:`svd_jax.load`.
+  :func:`svd_jax.load`; with ``[lora]``, ``output_dir/lora.safetensors`` instead: the adapters alone
+  (:mod:`svd_jax.lora`), for ``svd_jax.load(base, lora=...)``.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import functools
 import json
 import time
@@ -26,6 +28,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
+from svd_jax import lora
 from svd_jax.loader import SVDModels, load
 from svd_jax.policy import Policy
 from svd_jax.train.cache import CachedClips, build_cache
@@ -39,6 +42,7 @@ from svd_jax.train.remat import checkpoint_layers
 from svd_jax.train.step import TrainState, TrainStep, init_state
 
 LOSS_COLUMNS = ("step", "loss", "grad_norm", "learning_rate")
+LORA_FILE = "lora.safetensors"
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2))
@@ -88,16 +92,23 @@ class Trainer:
         self.layout = Layout(mesh, config.shard_params, config.shard_min_size)
         check_batch_size(config.batch_size, self.layout)
 
-        # float32 master weights computing in compute_dtype; the frozen encoders run in float32 (as diffusers'
-        # force_upcast VAE encode), so the latents and embeddings do not depend on compute_dtype.
-        self.policy = Policy("float32", config.compute_dtype)
+        # float32 master weights computing in compute_dtype (with LoRA, the frozen base stays in compute_dtype and
+        # the adapters are the float32 masters); the frozen encoders run in float32 (as diffusers' force_upcast VAE
+        # encode), so the latents and embeddings do not depend on compute_dtype.
+        param_dtype = config.compute_dtype if config.lora.enabled else "float32"
+        self.policy = Policy(param_dtype, config.compute_dtype)
         unet = load(config.model, policy=self.policy, components=["unet"], sharding=self.layout.param_sharder()).unet
         self.base = load(config.model, policy=Policy.float32(), components=["vae", "image_encoder"])
         self.base.require("vae", "image_encoder")
         self.base.unet = None
-        if config.remat:
-            checkpoint_layers(unet)
-        self.unet, trainable, frozen = split_model(unet, config.optimizer.trainable)
+        trainable_set = config.optimizer.trainable
+        if config.lora.enabled:
+            lc = config.lora
+            lora.add_adapters(unet, lc.rank, lc.scale_alpha, lc.dropout, lc.targets, seed=config.seed)
+            trainable_set = [lora.ADAPTER_PATTERN]
+        if config.remat != "none":
+            checkpoint_layers(unet, config.remat)
+        self.unet, trainable, frozen = split_model(unet, trainable_set)
         del unet  # its arrays live on in the training state only (each step donates and replaces them)
         self.vae_graph, self.vae_state = nnx.split(self.base.vae)
         self.encoder_graph, self.encoder_state = nnx.split(self.base.image_encoder)
@@ -149,8 +160,11 @@ class Trainer:
         self.checkpoints.save(self.step, self.state, self.frozen, meta)
 
     def unet_module(self):
-        """The UNet with the current parameters (shares the state's arrays: use it before the next step)."""
-        return self.unet.merge(self.state.params, self.frozen)
+        """The UNet with the current parameters, in inference mode (no adapter dropout; shares the state's arrays:
+        use it before the next step)."""
+        module = self.unet.merge(self.state.params, self.frozen)
+        module.eval()
+        return module
 
     # ---- data -------------------------------------------------------------------------------------------
 
@@ -239,7 +253,15 @@ class Trainer:
         return save_video(frames[0], path, fps=fps)
 
     def export(self, destination=None) -> Path:
-        """Write the fine-tuned models as a folder :func:`svd_jax.load` reads (default ``output_dir/model``)."""
+        """Write the fine-tuned models as a folder :func:`svd_jax.load` reads (default ``output_dir/model``), or
+        with LoRA the adapters alone (default ``output_dir/lora.safetensors``, for ``load(base, lora=...)``)."""
+        if self.config.lora.enabled:
+            base = {"model": str(self.config.model), "source": self.base.manifest.get("source"),
+                    "converter_version": self.base.manifest.get("converter_version"),
+                    "unet": self.base.manifest.get("components", {}).get("unet")}
+            settings = {**dataclasses.asdict(self.config.lora), "steps": self.step}
+            return lora.save_adapters(Path(destination) if destination else self.output / LORA_FILE,
+                                      self.unet_module(), settings, base)
         destination = Path(destination) if destination else self.output / "model"
         note: dict[str, Any] = {"base_model": str(self.config.model), "steps": self.step,
                                 "trainable": self.config.optimizer.trainable}
