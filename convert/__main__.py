@@ -32,8 +32,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                         help="with --to-diffusers: export a UNet with the original (sgm) GroupNorm eps, which "
                              "diffusers cannot express; diffusers will compute with its own eps")
     parser.add_argument("--lora", metavar="FILE",
-                        help="with --to-diffusers: merge this UNet LoRA file (lora.safetensors) into the exported UNet")
-    parser.add_argument("--lora-scale", type=float, default=1.0, help="with --lora: the adapters' scale (default 1)")
+                        help="with --to-diffusers: merge this UNet LoRA file (lora.safetensors) into the exported UNet "
+                             "(default: none)")
+    parser.add_argument("--lora-scale", type=float, default=1.0, help="with --lora: the adapters' scale")
     return parser
 
 

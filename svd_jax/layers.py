@@ -162,7 +162,8 @@ class FeedForward(nnx.Module):
 def project_together(x, layers) -> list:
     """``[layer(x) for layer in layers]`` for ``nnx.Linear`` layers of one dtype and precision, as one matmul over
     their kernels (and biases) concatenated along the output axis: the same sums per output column, one pass
-    over ``x`` instead of one per layer. The concatenation happens here, under ``jit``, not in the checkpoint."""
+    over ``x`` instead of one per layer (adapted layers' low-rank updates are added per layer). The concatenation
+    happens here, under ``jit``, not in the checkpoint."""
     first = layers[0]
     kernel = jnp.concatenate([layer.kernel[...] for layer in layers], axis=1).astype(first.dtype)
     y = jax.lax.dot_general(x.astype(first.dtype), kernel, (((x.ndim - 1,), (0,)), ((), ())),
@@ -170,7 +171,10 @@ def project_together(x, layers) -> list:
     if first.bias is not None:
         y = y + jnp.concatenate([layer.bias[...] for layer in layers]).astype(first.dtype)
     splits = np.cumsum([layer.out_features for layer in layers])[:-1]
-    return jnp.split(y, splits, axis=-1)
+    outputs = jnp.split(y, splits, axis=-1)
+    # a layer with a LoRA adapter (svd_jax.lora) adds its low-rank update to the shared projection
+    return [out + layer.low_rank_update(x) if hasattr(layer, "low_rank_update") else out
+            for out, layer in zip(outputs, layers)]
 
 
 def rows_per_context(rows: int, contexts: int, what: str) -> int:

@@ -83,7 +83,11 @@ class LoRALinear(nnx.Linear):
         return int(self.lora_a.get_value().shape[1])
 
     def __call__(self, inputs, out_sharding=None):
-        y = super().__call__(inputs, out_sharding)
+        return super().__call__(inputs, out_sharding) + self.low_rank_update(inputs)
+
+    def low_rank_update(self, inputs):
+        """``scale * dropout(x) A B`` in the compute dtype: what the adapter adds to the layer's output (also
+        added by code that computes several layers' base projections in one matmul)."""
         dtype = self.dtype or inputs.dtype
         x = inputs.astype(dtype)
         if self.dropout and not self.deterministic:
@@ -92,7 +96,7 @@ class LoRALinear(nnx.Linear):
             x = jnp.where(keep, x / (1.0 - self.dropout), 0).astype(dtype)
         low = jnp.dot(x, self.lora_a[...].astype(dtype), precision=self.precision)
         up = jnp.dot(low, self.lora_b[...].astype(dtype), precision=self.precision)
-        return y + (self.lora_scale[...] * up).astype(y.dtype)
+        return (self.lora_scale[...] * up).astype(dtype)
 
     def merged_kernel(self):
         """``W + scale * A B``, computed in float32 and returned in the kernel's dtype."""
