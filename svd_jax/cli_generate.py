@@ -61,6 +61,8 @@ def add_arguments(g: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    "preset's, else 0.02)")
     g.add_argument("--decode-chunk-size", type=int, help="frames decoded at once; smaller needs less memory and "
                    "changes the pixels slightly (default: the preset's, else all frames)")
+    g.add_argument("--ignore-memory-estimate", action="store_true", help="run even when the size asked for needs "
+                   "more memory than the machine has free (it is refused otherwise, with both figures)")
     g.add_argument("--seed", type=int, help="random seed; the same seed and settings give the same video "
                    "(default: a random one, printed and written to OUT.mp4.json)")
     return g
@@ -95,7 +97,28 @@ def _prepare(args: argparse.Namespace):
     options.update(pipeline.resolve_settings(TINY_SETTINGS if source == TINY else {}, configs["unet"],
                                              **{k: options.get(k) for k in pipeline.DIFFUSERS_DEFAULTS}))
     pipeline.check_size(options["height"], options["width"], configs["unet"], configs["vae"])
+    _check_memory(configs, options, _policy(args.policy), source == TINY, args.ignore_memory_estimate)
     return source, image, options
+
+
+def _check_memory(configs: dict, options: dict, policy, tiny: bool, ignore: bool) -> None:
+    """Refuse up front, with the figures, a size that will not fit (see :mod:`svd_jax.memory`); with
+    ``--ignore-memory-estimate`` say so and go on."""
+    from svd_jax import memory
+    from svd_jax.loader import TINY_SETTINGS
+    from svd_jax.policy import Policy
+
+    estimate = memory.attention_estimate(
+        configs["unet"], configs["vae"], policy or Policy.default(), options["height"], options["width"],
+        options["num_frames"], guided=options.get("max_guidance_scale", 3.0) > 1.0,
+        decode_chunk_size=options.get("decode_chunk_size"))
+    own = f"the tiny model's own size is {TINY_SETTINGS['height']}x{TINY_SETTINGS['width']}" if tiny else ""
+    warning = memory.size_warning(estimate, memory.available_bytes(), options["height"], options["width"],
+                                  own or "use a smaller --height and --width")
+    if warning and not ignore:
+        raise MemoryError(f"{warning} (--ignore-memory-estimate tries anyway)")
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
 
 
 def _policy(name: str):
@@ -162,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:  # everything a user can get wrong is checked before the models are loaded
         source, image, options = _prepare(args)
-    except (OSError, ValueError, RuntimeError, ImportError) as e:
+    except (OSError, ValueError, RuntimeError, ImportError, MemoryError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:  # e.g. during a download or a conversion, which clean up after themselves
