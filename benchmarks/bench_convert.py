@@ -89,7 +89,8 @@ def write_random_file(path: Path, shapes: dict[str, tuple[int, ...]], dtype=np.f
 
 
 def measured_run(command: list[str]) -> dict:
-    """Run ``command`` to its end; its wall time, peak resident size (GiB) and the load average around it."""
+    """Run ``command`` to its end; its wall and CPU time (user + system: less dependent on other processes on the
+    machine), peak resident size (GiB) and the load average around it."""
     load_before = os.getloadavg()[0]
     start = time.perf_counter()
     env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}  # a host-memory benchmark
@@ -100,7 +101,8 @@ def measured_run(command: list[str]) -> dict:
     elapsed = time.perf_counter() - start
     if process.returncode != 0:
         raise RuntimeError(f"{' '.join(command[:4])} failed with exit code {process.returncode}")
-    return {"seconds": round(elapsed, 1), "peak_rss_GiB": round(usage.ru_maxrss / 2 ** 20, 2),
+    return {"seconds": round(elapsed, 1), "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1),
+            "peak_rss_GiB": round(usage.ru_maxrss / 2 ** 20, 2),
             "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)], "output": output}
 
 
@@ -110,8 +112,8 @@ def _rss_gib() -> float:
     return int(line.split()[1]) / 2 ** 20
 
 
-def load_child(folder: str) -> int:
-    """In a fresh process: ``svd_jax.load(folder)`` on the CPU, float32; one JSON line of figures."""
+def load_child(folder: str, components: list[str]) -> int:
+    """In a fresh process: ``svd_jax.load(folder, components=...)`` on the CPU, float32; one JSON line of figures."""
     import jax
     from flax import nnx
 
@@ -120,12 +122,12 @@ def load_child(folder: str) -> int:
 
     before = _rss_gib()
     start = time.perf_counter()
-    models = svd_jax.load(folder, policy=svd_jax.Policy.float32())
+    models = svd_jax.load(folder, policy=svd_jax.Policy.float32(), components=components)
     seconds = time.perf_counter() - start
     after = _rss_gib()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
     digest, sizes = hashlib.sha256(), {}
-    for component in ("image_encoder", "unet", "vae"):
+    for component in components:
         leaves = nnx.to_flat_state(nnx.state(getattr(models, component), nnx.Param))
         sizes[component] = 0
         for path, var in sorted(leaves, key=lambda item: path_key(item[0])):
@@ -149,10 +151,12 @@ def main(argv=None) -> int:
     parser.add_argument("--scratch", required=True, help="a folder outside the repository for the ~9 GiB of files")
     parser.add_argument("--out", default="results/convert.json")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder")
+    parser.add_argument("--load-components", default="image_encoder,unet,vae",
+                        help="the components to load (all three need about 10 GiB of memory)")
     parser.add_argument("--load-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.load_child:
-        return load_child(args.load_child)
+        return load_child(args.load_child, args.load_components.split(","))
 
     results = Results(args.out)
     scratch = Path(args.scratch)
@@ -181,7 +185,7 @@ def main(argv=None) -> int:
         shutil.rmtree(scratch / "diffusers")
         shutil.rmtree(scratch / "converted_diffusers")
         figures = measured_run(python + [__file__, "--scratch", str(scratch), "--load-child",
-                                         str(scratch / "converted")])
+                                         str(scratch / "converted"), "--load-components", args.load_components])
         figures["peak_rss_with_digest_GiB"] = figures.pop("peak_rss_GiB")
         results.log("load_float32", {**json.loads(figures.pop("output").strip().splitlines()[-1]), **figures})
     finally:
