@@ -38,16 +38,38 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     return parser
 
 
-def _export(args: argparse.Namespace) -> int:
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130  # as a shell reports a process ended by SIGINT
+
+
+def _guarded(work):
+    """``(result, exit code)``: the work's result, or None and the code after printing one line for a failure the
+    user can act on (bad input, an I/O error naming the file, an interrupt); anything else is a bug and raises."""
     from convert.errors import ConversionError
-    from convert.export import export
+    from svd_jax.errors import one_line_failures, os_error_line
+    from svd_jax.interrupt import sigint_interrupts
 
     try:
-        summary = export(args.src, args.dst, dtype=args.dtype, force=args.force,
-                         accept_diffusers_eps=args.accept_diffusers_eps, lora=args.lora, lora_scale=args.lora_scale)
+        with sigint_interrupts(), one_line_failures():
+            return work(), 0
     except ConversionError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+    except OSError as e:
+        print(f"error: {os_error_line(e)}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return None, EXIT_INTERRUPTED
+    return None, EXIT_ERROR
+
+
+def _export(args: argparse.Namespace) -> int:
+    from convert.export import export
+
+    summary, code = _guarded(lambda: export(args.src, args.dst, dtype=args.dtype, force=args.force,
+                                            accept_diffusers_eps=args.accept_diffusers_eps, lora=args.lora,
+                                            lora_scale=args.lora_scale))
+    if code:
+        return code
     for name, info in summary["components"].items():
         dtypes = ", ".join(info["dtypes"])
         print(f"{name}: {info['num_tensors']} tensors ({dtypes}) -> {args.dst}/{name}")
@@ -64,23 +86,20 @@ def run(args: argparse.Namespace) -> int:
     if args.to_diffusers and (args.config or args.no_hash or args.unet):
         print("error: --config, --no-hash and --unet apply to PyTorch -> svd_jax, not to --to-diffusers",
               file=sys.stderr)
-        return 2
+        return EXIT_ERROR
     if not args.to_diffusers and (args.dtype or args.accept_diffusers_eps or args.lora):
         print("error: --dtype, --accept-diffusers-eps and --lora apply only with --to-diffusers", file=sys.stderr)
-        return 2
+        return EXIT_ERROR
     return _export(args) if args.to_diffusers else _convert(args)
 
 
 def _convert(args: argparse.Namespace) -> int:
     from convert.api import convert
-    from convert.errors import ConversionError
 
-    try:
-        manifest = convert(args.src, args.dst, config_dir=args.config, force=args.force,
-                           hash_sources=not args.no_hash, unet=args.unet)
-    except ConversionError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    manifest, code = _guarded(lambda: convert(args.src, args.dst, config_dir=args.config, force=args.force,
+                                              hash_sources=not args.no_hash, unet=args.unet))
+    if code:
+        return code
     for name, info in manifest["components"].items():
         print(f"{name}: {info['num_params']:,} parameters ({info['layout']} layout) -> {args.dst}/{name}")
     return 0

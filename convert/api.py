@@ -18,14 +18,20 @@ from convert import layouts, rules
 from convert.errors import ConversionError
 from svd_jax import checkpoint
 from svd_jax.components import abstract_model
+from svd_jax.errors import os_error_line
 
 CONVERTER_VERSION = "1"
 MANIFEST = "manifest.json"
 CONFIG = "config.json"
 
 
+# Source dtypes a weight may have; integer or boolean weights are refused rather than cast (a model whose weights
+# were stored as integers is not the model it claims to be).
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+
+
 def _prepare(sources: list[layouts.ComponentSource]) -> list[tuple[layouts.ComponentSource, dict]]:
-    """Check every component's keys and shapes before any tensor is read or anything is written."""
+    """Check every component's keys, shapes and dtypes before any tensor is read or anything is written."""
     seen = Counter(s.component for s in sources)
     if doubled := [c for c, n in seen.items() if n > 1]:
         raise ConversionError(f"the source holds more than one {', '.join(doubled)}")
@@ -34,6 +40,11 @@ def _prepare(sources: list[layouts.ComponentSource]) -> list[tuple[layouts.Compo
         expected = rules.expected_keys(abstract_model(source.component, source.config))
         shapes = {key: ref.shape for key, ref in source.tensors.items()}
         source.ignored = sorted(set(source.ignored) | set(rules.plan(source.component, expected, shapes)))
+        for key in expected:
+            ref = source.tensors[key]
+            if ref.file.dtype(ref.key) not in FLOAT_DTYPES:
+                raise ConversionError(f"{ref.file.path}: tensor {ref.key!r} has dtype {ref.file.dtype(ref.key)}; "
+                                      f"weights must be floating point ({', '.join(FLOAT_DTYPES)})")
         planned.append((source, expected))
     return planned
 
@@ -41,7 +52,7 @@ def _prepare(sources: list[layouts.ComponentSource]) -> list[tuple[layouts.Compo
 def _write_component(folder: Path, source: layouts.ComponentSource, expected: dict) -> dict:
     """Each tensor is read, transformed and written in turn: the component is never in memory as a whole."""
     folder.mkdir()
-    params = rules.deferred(expected, lambda key: source.tensors[key].dtype, lambda key: source.tensors[key].read())
+    params = rules.deferred(expected, lambda key: source.tensors[key].dtype, lambda key: _finite(source.tensors[key]))
     checkpoint.save_params(folder, params)
     source.config.save(folder / CONFIG)
     return {
@@ -51,6 +62,35 @@ def _write_component(folder: Path, source: layouts.ComponentSource, expected: di
         "dtypes": dict(Counter(np.dtype(a.dtype).name for a in params.values())),
         "ignored_source_keys": source.ignored,
     }
+
+
+def _finite(ref: layouts.TensorRef) -> np.ndarray:
+    """The tensor, refused if it holds NaN or infinity (a model with them generates black video)."""
+    array = ref.read()
+    finite = np.isfinite(array)
+    if not finite.all():
+        raise ConversionError(f"{ref.file.path}: tensor {ref.key!r} holds {finite.size - int(finite.sum())} "
+                              f"non-finite values (NaN or infinity) of {finite.size}")
+    return array
+
+
+def check_separate(src: Path, dst: Path) -> None:
+    """Refuse a destination that is, is inside, or contains the source: replacing it would delete the source."""
+    source, destination = Path(src).resolve(), Path(dst).resolve()
+    if source == destination:
+        relation = "is"
+    elif source in destination.parents:
+        relation = "is inside"
+    elif destination in source.parents:
+        relation = "contains"
+    else:
+        return
+    raise ConversionError(f"{dst} {relation} the source {src}: choose a destination outside it")
+
+
+def written_error(error: OSError, tmp: Path, dst: Path) -> ConversionError:
+    """An I/O failure while writing ``tmp`` as one line naming the file under its final name ``dst``."""
+    return ConversionError(os_error_line(error).replace(str(tmp), str(dst)))
 
 
 def replace_destination(tmp: Path, dst: Path, force: bool) -> None:
@@ -87,6 +127,7 @@ def convert(src, dst, config_dir=None, force: bool = False, hash_sources: bool =
     ``unet``: a UNet source (any accepted layout, e.g. a fine-tune's single diffusers-named file such as
     AnimateLCM-SVD-xt's) converted in place of ``src``'s UNet, ``src`` giving the other components."""
     src, dst = Path(src), Path(dst)
+    check_separate(src, dst)
     if dst.exists() and not force:
         raise ConversionError(f"{dst} already exists (pass --force to replace it)")
     if not dst.parent.is_dir():
@@ -119,7 +160,9 @@ def convert(src, dst, config_dir=None, force: bool = False, hash_sources: bool =
             manifest["components"][source.component] = _write_component(tmp / source.component, source, expected)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         replace_destination(tmp, dst, force)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise written_error(e, tmp, dst) from None
         raise
     return manifest

@@ -41,7 +41,7 @@ import ml_dtypes
 import numpy as np
 
 from convert import rules
-from convert.api import CONFIG, MANIFEST, replace_destination
+from convert.api import CONFIG, MANIFEST, check_separate, replace_destination, written_error
 from convert.errors import ConversionError
 from convert.layouts import config_from_upstream
 from svd_jax.checkpoint import PARAMS_DIR, load_params, stored_params
@@ -345,6 +345,7 @@ def export(src, out, dtype: str | None = None, force: bool = False, accept_diffu
     src, out = Path(src), Path(out)
     if dtype is not None and dtype not in DTYPES:
         raise ConversionError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    check_separate(src, out)
     if out.exists() and not force:
         raise ConversionError(f"{out} already exists (pass --force to replace it)")
     if not out.parent.is_dir():
@@ -375,8 +376,10 @@ def export(src, out, dtype: str | None = None, force: bool = False, accept_diffu
             _write_json(tmp / "feature_extractor" / "preprocessor_config.json",
                         feature_extractor_config(configs["image_encoder"]))
         replace_destination(tmp, out, force)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise written_error(e, tmp, out) from None
         raise
     return {"components": summary, "pipeline": pipeline}
 

@@ -72,8 +72,22 @@ class ComponentSource:
         return list({id(t.file): t.file for t in self.tensors.values()}.values())
 
 
+# The upstream classes whose config.json each component reads (diffusers' ``_class_name``, transformers'
+# ``architectures``); a config naming another class is for another model.
+UPSTREAM_CLASSES = {"image_encoder": ("CLIPVisionModelWithProjection", "CLIPVisionModel", "CLIPModel"),
+                    "unet": ("UNetSpatioTemporalConditionModel",),
+                    "vae": ("AutoencoderKLTemporalDecoder", "AutoencoderKL")}
+
+
 def config_from_upstream(component: str, data: dict, origin: str):
     """A component config from an upstream ``config.json`` dict."""
+    if not isinstance(data, dict):
+        raise ConversionError(f"{origin}: not a usable {component} config (not a JSON object)")
+    architectures = data.get("architectures") if isinstance(data.get("architectures"), list) else []
+    named = [n for n in [data.get("_class_name"), *architectures] if n is not None]
+    if named and not any(n in UPSTREAM_CLASSES[component] for n in named):
+        raise ConversionError(f"{origin}: holds a config for {named[0]}, not for the {component} "
+                              f"({' or '.join(UPSTREAM_CLASSES[component])})")
     try:
         if component == "image_encoder":
             return CLIPVisionConfig.from_transformers_config(data)
@@ -87,8 +101,8 @@ def config_from_upstream(component: str, data: dict, origin: str):
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConversionError(f"{path}: cannot read JSON config ({e})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ConversionError(f"{path}: cannot read JSON config ({type(e).__name__}: {str(e)[:200]})") from None
 
 
 def override_config(config_dir: Path | None, component: str):

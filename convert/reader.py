@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import struct
 from pathlib import Path
 
@@ -23,8 +24,14 @@ DTYPES = {"F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2")
           "I16": np.dtype("<i2"), "I8": np.dtype("i1"), "U8": np.dtype("u1"), "BOOL": np.dtype(bool)}
 
 
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def _read_header(path: Path) -> dict:
-    """Validate the header and that the file holds every byte it promises (catches truncated downloads)."""
+    """Validate the header and that the file holds every byte it promises (catches truncated downloads). Every
+    entry is checked for type before use: the header is untrusted input (string offsets, negative sizes, deep
+    nesting)."""
     size = path.stat().st_size
     with path.open("rb") as f:
         raw = f.read(8)
@@ -35,20 +42,21 @@ def _read_header(path: Path) -> dict:
             raise ConversionError(f"{path}: not a safetensors file (bad header length)")
         try:
             header = json.loads(f.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
             raise ConversionError(f"{path}: not a safetensors file (header is not JSON)") from None
     if not isinstance(header, dict):
         raise ConversionError(f"{path}: not a safetensors file (header is not a mapping)")
     header.pop("__metadata__", None)
     end = 0
     for key, info in header.items():
-        try:
-            start, stop = info["data_offsets"]
-            count = int(np.prod(info["shape"], dtype=np.int64))
-            item = DTYPES[info["dtype"]].itemsize
-        except (KeyError, TypeError, ValueError):
-            raise ConversionError(f"{path}: tensor {key!r} has an unsupported or malformed header entry") from None
-        if stop - start != count * item:
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        shape = info.get("shape") if isinstance(info, dict) else None
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(map(_is_count, offsets))
+                or offsets[0] > offsets[1] or not isinstance(shape, list) or len(shape) > 16
+                or not all(map(_is_count, shape)) or info.get("dtype") not in DTYPES):
+            raise ConversionError(f"{path}: tensor {key!r} has an unsupported or malformed header entry")
+        start, stop = offsets
+        if stop - start != math.prod(shape) * DTYPES[info["dtype"]].itemsize:
             raise ConversionError(f"{path}: tensor {key!r} header size does not match its shape")
         end = max(end, stop)
     if 8 + header_len + end > size:

@@ -21,6 +21,7 @@ from flax import nnx
 
 from svd_jax import bounded_io
 from svd_jax.bounded_io import DeferredArray
+from svd_jax.errors import STORAGE_STATUS, storage_error
 from svd_jax.policy import Policy
 
 PARAMS_DIR = "params"
@@ -68,8 +69,13 @@ def _largest_bytes(stored: dict[str, tuple[tuple[int, ...], str]], dtype=None) -
 def save_params(directory: Path, params: dict[str, np.ndarray | DeferredArray]) -> None:
     """Write ``{dotted.path: array}`` as an orbax checkpoint under ``directory/params``; a :class:`DeferredArray`
     is read when it is written."""
-    bounded_io.save(Path(directory).absolute() / PARAMS_DIR, _nest(params),
-                    max((a.nbytes for a in params.values()), default=0))
+    path = Path(directory).absolute() / PARAMS_DIR
+    try:
+        bounded_io.save(path, _nest(params), max((a.nbytes for a in params.values()), default=0))
+    except Exception as e:  # tensorstore reports disk full or a read-only folder as a ValueError with a status
+        if not STORAGE_STATUS.match(str(e)):
+            raise  # not the storage layer's: e.g. a converter error raised while reading a deferred array
+        raise storage_error(e, path, "write") from e
 
 
 def stored_params(directory: Path) -> dict[str, tuple[tuple[int, ...], str]]:

@@ -9,8 +9,48 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import types
+import typing
 from pathlib import Path
 from typing import Any, ClassVar
+
+# Bounds on what a config read from a file may ask for. Every count and size is checked on read, so a config
+# cannot make the converter or the loader build millions of modules (a layer count of 10**7) before any shape is
+# compared; the bounds are far above every released SVD/CLIP size.
+MAX_BLOCKS = 8  # resolution levels of the UNet or the VAE
+MAX_LAYERS = 64  # layers of a tower, or per block
+MAX_SIZE = 1 << 16  # channels, widths, heads, frames, pixels
+
+
+def _checked_field(where: str, value, hint, bounds: tuple[int, int], is_eps: bool):
+    """``value`` as the type ``hint`` names, within ``bounds`` (integers) or finite (floats; an eps in (0, 1))."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        if value is None:
+            return None
+        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+    if typing.get_origin(hint) is tuple:
+        if not isinstance(value, (list, tuple)) or not 1 <= len(value) <= MAX_BLOCKS:
+            raise ValueError(f"{where} must be a list of 1 to {MAX_BLOCKS} entries, got {value!r}")
+        return tuple(_checked_field(where, v, typing.get_args(hint)[0], bounds, is_eps) for v in value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{where} must be true or false, got {value!r}")
+    elif hint is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{where} must be a string, got {value!r}")
+    elif hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{where} must be an integer, got {value!r}")
+        if not bounds[0] <= value <= bounds[1]:
+            raise ValueError(f"{where} must be between {bounds[0]} and {bounds[1]}, got {value}")
+    elif hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{where} must be a finite number, got {value!r}")
+        if is_eps and not 0 < value < 1:
+            raise ValueError(f"{where} must be between 0 and 1 (exclusive), got {value}")
+        return float(value)
+    return value
 
 
 def _as_tuple(value, length: int, name: str) -> tuple:
@@ -23,9 +63,26 @@ def _as_tuple(value, length: int, name: str) -> tuple:
 
 
 class _ConfigIO:
-    """Round trip through plain JSON dicts with a ``kind`` tag, so a converted folder says what it holds."""
+    """Round trip through plain JSON dicts with a ``kind`` tag, so a converted folder says what it holds.
+
+    Every field is checked against its annotation (``"1"`` or ``8.0`` for an integer is refused, an integer for a
+    float is taken as that float, a list for a tuple as that tuple) and against the bounds above, before the
+    class's own consistency checks (:meth:`_validate`)."""
 
     kind: ClassVar[str]
+    # Fields bounded more tightly than MAX_SIZE: name -> (lowest, highest). Every other integer is in [1, MAX_SIZE].
+    LIMITS: ClassVar[dict[str, tuple[int, int]]] = {}
+
+    def __post_init__(self):
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = _checked_field(f"{self.kind} config field {f.name!r}", getattr(self, f.name), hints[f.name],
+                                   self.LIMITS.get(f.name, (1, MAX_SIZE)), f.name.endswith("eps"))
+            object.__setattr__(self, f.name, value)
+        self._validate()
+
+    def _validate(self) -> None:
+        pass
 
     def to_dict(self) -> dict[str, Any]:
         out = {"kind": self.kind}
@@ -55,6 +112,7 @@ class CLIPVisionConfig(_ConfigIO):
     """``CLIPVisionModelWithProjection``; the SVD image encoder is OpenCLIP ViT-H/14."""
 
     kind: ClassVar[str] = "clip_vision"
+    LIMITS: ClassVar[dict[str, tuple[int, int]]] = {"num_hidden_layers": (1, MAX_LAYERS)}
 
     hidden_size: int = 1280
     intermediate_size: int = 5120
@@ -67,7 +125,7 @@ class CLIPVisionConfig(_ConfigIO):
     layer_norm_eps: float = 1e-5
     hidden_act: str = "gelu"
 
-    def __post_init__(self):
+    def _validate(self) -> None:
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}"
@@ -112,6 +170,8 @@ class UNetConfig(_ConfigIO):
     """``UNetSpatioTemporalConditionModel``. Presets: :meth:`svd` (14 frames), :meth:`svd_xt` (25 frames)."""
 
     kind: ClassVar[str] = "unet_spatio_temporal"
+    LIMITS: ClassVar[dict[str, tuple[int, int]]] = {"layers_per_block": (1, MAX_LAYERS),
+                                                    "transformer_layers_per_block": (1, MAX_LAYERS)}
 
     in_channels: int = 8
     out_channels: int = 4
@@ -135,7 +195,7 @@ class UNetConfig(_ConfigIO):
     out_norm_eps: float = 1e-5
     layer_norm_eps: float = 1e-5
 
-    def __post_init__(self):
+    def _validate(self) -> None:
         n = len(self.block_out_channels)
         for name in ("down_block_types", "up_block_types", "layers_per_block", "cross_attention_dim",
                      "transformer_layers_per_block", "num_attention_heads", "down_resnet_eps", "up_resnet_eps"):
@@ -241,6 +301,7 @@ class VAEConfig(_ConfigIO):
     """
 
     kind: ClassVar[str] = "vae"
+    LIMITS: ClassVar[dict[str, tuple[int, int]]] = {"layers_per_block": (1, MAX_LAYERS)}
 
     decoder: str = "temporal"
     in_channels: int = 3
@@ -255,13 +316,9 @@ class VAEConfig(_ConfigIO):
     norm_eps: float = 1e-6
     temporal_norm_eps: float = 1e-5
 
-    def __post_init__(self):
+    def _validate(self) -> None:
         if self.decoder not in ("temporal", "image"):
             raise ValueError(f"VAE decoder must be 'temporal' or 'image', not {self.decoder!r}")
-        if not self.block_out_channels:
-            raise ValueError("VAE block_out_channels must not be empty")
-        if self.layers_per_block < 1:
-            raise ValueError(f"VAE layers_per_block must be at least 1, not {self.layers_per_block}")
         if self.decoder == "temporal" and self.norm_num_groups != 32:
             raise ValueError(f"the temporal VAE uses 32 GroupNorm groups, not {self.norm_num_groups}")
         for ch in self.block_out_channels:
