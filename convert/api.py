@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import socket
 from collections import Counter
 from pathlib import Path
 
@@ -19,8 +21,9 @@ from convert.errors import ConversionError
 from svd_jax import checkpoint
 from svd_jax.components import abstract_model
 from svd_jax.errors import os_error_line
+from svd_jax.loader import FORMAT_VERSION as CONVERTER_VERSION
+from svd_jax.loader import component_sha256
 
-CONVERTER_VERSION = "1"
 MANIFEST = "manifest.json"
 CONFIG = "config.json"
 
@@ -61,6 +64,7 @@ def _write_component(folder: Path, source: layouts.ComponentSource, expected: di
         "num_params": int(sum(a.size for a in params.values())),
         "dtypes": dict(Counter(np.dtype(a.dtype).name for a in params.values())),
         "ignored_source_keys": source.ignored,
+        "sha256": component_sha256(folder),
     }
 
 
@@ -93,11 +97,46 @@ def written_error(error: OSError, tmp: Path, dst: Path) -> ConversionError:
     return ConversionError(os_error_line(error).replace(str(tmp), str(dst)))
 
 
+# A folder being written, or an old one being replaced, is a hidden sibling named after the host and process
+# that writes it, so any later run can tell a dead process's leftover (kill -9, power loss) from a live one's.
+_SCRATCH = re.compile(r"^\..+\.(?:partial|old)-(?:(?P<host>.+)-)?(?P<pid>\d+)$")
+
+
+def scratch_path(dst: Path, role: str = "partial") -> Path:
+    """The hidden sibling of ``dst`` this process writes (``role`` "partial") or moves an old ``dst`` to ("old")."""
+    return dst.parent / f".{dst.name}.{role}-{socket.gethostname()}-{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_scratch(folder: Path) -> list[Path]:
+    """Remove the hidden partial and old folders in ``folder`` whose writing process (on this host) is gone."""
+    removed = []
+    for entry in Path(folder).iterdir() if Path(folder).is_dir() else []:
+        match = _SCRATCH.match(entry.name)
+        if not match or (match["host"] or socket.gethostname()) != socket.gethostname() or _alive(int(match["pid"])):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
+
+
 def replace_destination(tmp: Path, dst: Path, force: bool) -> None:
     if dst.exists():
         if not force:
             raise ConversionError(f"{dst} already exists (pass --force to replace it)")
-        old = dst.parent / f".{dst.name}.old-{os.getpid()}"
+        old = scratch_path(dst, "old")
         dst.rename(old)
         tmp.rename(dst)
         shutil.rmtree(old) if old.is_dir() else old.unlink()
@@ -152,7 +191,8 @@ def convert(src, dst, config_dir=None, force: bool = False, hash_sources: bool =
         },
         "components": {},
     }
-    tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
+    remove_stale_scratch(dst.parent)
+    tmp = scratch_path(dst)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:

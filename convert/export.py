@@ -30,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 import shutil
 import struct
 from collections import Counter
@@ -41,7 +40,8 @@ import ml_dtypes
 import numpy as np
 
 from convert import rules
-from convert.api import CONFIG, MANIFEST, check_separate, replace_destination, written_error
+from convert.api import (CONFIG, MANIFEST, check_separate, remove_stale_scratch, replace_destination, scratch_path,
+                         written_error)
 from convert.errors import ConversionError
 from convert.layouts import config_from_upstream
 from svd_jax.checkpoint import PARAMS_DIR, load_params, stored_params
@@ -363,7 +363,8 @@ def export(src, out, dtype: str | None = None, force: bool = False, accept_diffu
         except (OSError, ValueError) as e:
             raise ConversionError(str(e)) from None
         updates = _lora_updates(adapters, lora_scale, next(p for p in plans if p.component == "unet"))
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    remove_stale_scratch(out.parent)
+    tmp = scratch_path(out)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:

@@ -64,10 +64,11 @@ def _info(args: argparse.Namespace) -> int:
         used_by = ", ".join(f.get("components", [])) or "component not recorded"
         print(f"  source {f.get('path', f['name'])} -> {used_by} "
               f"({f['bytes']:,} bytes, sha256 {f.get('sha256') or 'not recorded'})")
-    for name, info in manifest.get("components", {}).items():
+    for name, info in manifest["components"].items():
         config = info["config"]
-        dtypes = ", ".join(f"{k} x{v}" for k, v in info["dtypes"].items())
-        print(f"  {name}: {config['kind']}, {info['num_params']:,} parameters ({dtypes}), from {info['layout']} layout")
+        dtypes = ", ".join(f"{k} x{v}" for k, v in dict(info.get("dtypes", {})).items())
+        print(f"  {name}: {config.get('kind')}, {info.get('num_params', 0):,} parameters ({dtypes}), "
+              f"from {info.get('layout')} layout")
         details = {k: v for k, v in config.items() if k != "kind"}
         print("    " + ", ".join(f"{k}={v}" for k, v in details.items()))
     return 0

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
@@ -23,6 +25,9 @@ from svd_jax.configs import CLIPVisionConfig, UNetConfig, VAEConfig, config_from
 from svd_jax.policy import Policy
 
 MANIFEST = "manifest.json"
+# Versions of the converted-folder format this code reads: "1" without checksums, "2" with one per component.
+FORMAT_VERSION = "2"
+READABLE_VERSIONS = ("1", "2")
 TINY = "tiny"
 # What is fetched from a diffusers repo on the Hub: configs and the weights of the three components.
 HUB_COMPONENT_FILES = {
@@ -66,7 +71,67 @@ def read_manifest(path: Path) -> dict[str, Any]:
     if not (path / MANIFEST).is_file():
         raise ValueError(f"{path} is not a converted svd_jax folder (no {MANIFEST}); "
                          "convert a checkpoint first: python -m convert SRC DST")
-    return json.loads((path / MANIFEST).read_text())
+    manifest = _read_json(path / MANIFEST, "manifest")
+    components = manifest.get("components")
+    if manifest.get("format") != "svd_jax" or not isinstance(components, dict) or not all(
+            isinstance(info, dict) and isinstance(info.get("config"), dict) for info in components.values()):
+        raise ValueError(f"{path / MANIFEST}: not an svd_jax manifest (format, components and their configs)")
+    version = manifest.get("converter_version")
+    if version not in READABLE_VERSIONS and version is not None:  # None: fine-tuned from random models
+        raise ValueError(f"{path / MANIFEST}: written by converter version {version!r}, this svd_jax reads "
+                         f"{', '.join(READABLE_VERSIONS)} (upgrade svd_jax, or convert the source again)")
+    return manifest
+
+
+def component_sha256(folder: Path) -> str:
+    """The checksum of a stored component: every file under ``folder`` (its config and checkpoint), by relative
+    path, size and contents, so a flipped byte, a truncated, missing or added file, or an edited config changes
+    it."""
+    folder = Path(folder)
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(f"{path.relative_to(folder).as_posix()}:{path.stat().st_size}\n".encode())
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_component(path: Path, manifest: dict[str, Any], component: str) -> None:
+    """Raise one ``ValueError`` line if the component's files differ from the checksum its manifest recorded."""
+    recorded = manifest["components"][component].get("sha256")
+    if recorded is None:
+        if manifest.get("converter_version") in (None, "1"):
+            return  # written before checksums were recorded
+        raise ValueError(f"{path / MANIFEST}: records no checksum for {component}")
+    if component_sha256(path / component) != recorded:
+        raise ValueError(f"{path / component}: its files differ from the checksum recorded when it was written "
+                         "(corrupted or edited); convert the source again, or pass verify=False to load anyway")
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    """A JSON object from a converted folder, or one ``ValueError`` line naming the file."""
+    try:
+        data = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ValueError(f"{path}: not a readable {what} ({type(e).__name__})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: not a readable {what} (not a JSON object)")
+    return data
+
+
+def read_config(folder: Path, component: str):
+    """The config of ``folder/config.json``, which must be the ``component``'s kind."""
+    path = Path(folder) / "config.json"
+    try:
+        config = config_from_dict(_read_json(path, f"{component} config"))
+    except TypeError as e:  # e.g. an unhashable kind
+        raise ValueError(f"{path}: {e}") from None
+    except ValueError as e:
+        raise ValueError(str(e) if str(path) in str(e) else f"{path}: {e}") from None
+    if not isinstance(config, COMPONENT_CONFIGS[component]):
+        raise ValueError(f"{path}: holds a {config.kind} config, not the {component}'s")
+    return config
 
 
 def cache_dir() -> Path:
@@ -87,30 +152,66 @@ def enable_compilation_cache() -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
 
 
-def _source_fingerprint(source: Path) -> str:
-    """Changes when the source's weight files change, so a stale conversion is never reused."""
-    files = [source] if source.is_file() else sorted(source.rglob("*.safetensors"))
-    digest = hashlib.sha256(str(source.resolve()).encode())
+def _file_sha256(path: Path, memo: Path) -> str:
+    """The sha256 of a file's contents, remembered under ``memo`` for as long as the file's inode, size, mtime and
+    ctime stay the same (ctime changes on every write and cannot be set back), so a large source is hashed once."""
+    stat = path.stat()
+    identity = f"{path.resolve()}:{stat.st_ino}:{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ctime_ns}"
+    remembered = memo / hashlib.sha256(identity.encode()).hexdigest()
+    if remembered.is_file():
+        return remembered.read_text().strip()
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    memo.mkdir(parents=True, exist_ok=True)
+    partial = remembered.with_name(f".{remembered.name}.{os.getpid()}")
+    partial.write_text(digest.hexdigest())
+    partial.replace(remembered)
+    return digest.hexdigest()
+
+
+def _source_key(source: Path, memo: Path) -> str:
+    """A key for what a source holds: the contents of its weight and config files, by their place in the source;
+    never its path or dates, so a changed file is never served from a stale conversion."""
+    files = [source] if source.is_file() else sorted(p for pattern in ("*.safetensors", "*.json")
+                                                     for p in source.rglob(pattern) if p.is_file())
+    digest = hashlib.sha256()
     for f in files:
-        stat = f.stat()
-        digest.update(f"{f.relative_to(source) if f != source else f.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+        name = f.name if f == source else f.relative_to(source).as_posix()
+        digest.update(f"{name}:{_file_sha256(f, memo)}\n".encode())
     return digest.hexdigest()[:16]
 
 
+@contextlib.contextmanager
+def _exclusive(lock_path: Path):
+    """Hold an exclusive lock on ``lock_path`` (waits while another process holds it; released by the kernel if
+    the holder dies)."""
+    with lock_path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _converted_copy(source: Path) -> Path:
-    """Convert a PyTorch source once into the cache and return the converted folder."""
+    """Convert a PyTorch source once into the cache and return the converted folder. A second process asking for
+    the same source meanwhile waits for the first one's conversion and then uses it."""
     from convert import convert  # the converter is only needed for unconverted sources
 
-    target = cache_dir() / "converted" / f"{source.stem}-{_source_fingerprint(source)}"
-    if not (target / MANIFEST).is_file():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        files = [source] if source.is_file() else list(source.rglob("*.safetensors"))
-        size = sum(f.stat().st_size for f in files)
-        print(f"converting {source} ({size / 2**30:.2f} GiB of safetensors) into {target} once; later loads reuse "
-              "it", file=sys.stderr, flush=True)
-        convert(source, target, force=target.exists())
-        written = sum(f.stat().st_size for f in target.rglob("*") if f.is_file())
-        print(f"converted into {target} ({written / 2**30:.2f} GiB)", file=sys.stderr, flush=True)
+    root = cache_dir() / "converted"
+    root.mkdir(parents=True, exist_ok=True)
+    target = root / f"{source.stem}-{_source_key(source, root / '.sha256')}"
+    with _exclusive(root / f".{target.name}.lock"):
+        if not (target / MANIFEST).is_file():
+            files = [source] if source.is_file() else list(source.rglob("*.safetensors"))
+            size = sum(f.stat().st_size for f in files)
+            print(f"converting {source} ({size / 2**30:.2f} GiB of safetensors) into {target} once; later loads "
+                  "reuse it", file=sys.stderr, flush=True)
+            convert(source, target, force=target.exists())
+            written = sum(f.stat().st_size for f in target.rglob("*") if f.is_file())
+            print(f"converted into {target} ({written / 2**30:.2f} GiB)", file=sys.stderr, flush=True)
     return target
 
 
@@ -202,12 +303,15 @@ def model_configs(path) -> dict:
 
 
 def load(path, policy: Policy | None = None, components=None, sharding: Sharder | None = None,
-         hub_variant: str = "fp16", lora=None, lora_scale: float = 1.0, merge_lora: bool = True) -> SVDModels:
+         hub_variant: str = "fp16", lora=None, lora_scale: float = 1.0, merge_lora: bool = True,
+         verify: bool = True) -> SVDModels:
     """Restore the components (all by default) of a converted folder with the policy's dtypes.
 
     ``path`` may also be an unconverted diffusers folder or original single file (converted once into
     :func:`cache_dir` and reused), a Hugging Face repo id (needs the ``hub`` extra), or ``"tiny"`` for tiny random
-    models. The policy defaults to bfloat16 on accelerators and float32 on CPU.
+    models. The policy defaults to bfloat16 on accelerators and float32 on CPU. Each component's files are checked
+    against the checksum recorded when the folder was written (a corrupted or edited folder is refused);
+    ``verify=False`` skips that (it reads every byte once: about a second per GB).
 
     ``lora``: a UNet LoRA file (``lora.safetensors`` from ``svd-jax train``, or a diffusers/PEFT one) applied with
     ``lora_scale``: merged into the UNet's weights, or with ``merge_lora=False`` kept as adapters whose scale
@@ -222,7 +326,8 @@ def load(path, policy: Policy | None = None, components=None, sharding: Sharder 
         if components is not None and "unet" not in components:
             raise ValueError("lora= adapts the UNet: include 'unet' in components")
         adapters = read_adapters(lora)  # before any weight is loaded: a bad file fails fast
-    models = tiny_models(policy) if path == TINY else _load_folder(path, policy, components, sharding, hub_variant)
+    models = (tiny_models(policy) if path == TINY
+              else _load_folder(path, policy, components, sharding, hub_variant, verify))
     if adapters is not None:
         from svd_jax.lora import apply_adapters
 
@@ -231,7 +336,8 @@ def load(path, policy: Policy | None = None, components=None, sharding: Sharder 
     return models
 
 
-def _load_folder(path, policy: Policy, components, sharding: Sharder | None, hub_variant: str) -> SVDModels:
+def _load_folder(path, policy: Policy, components, sharding: Sharder | None, hub_variant: str,
+                 verify: bool) -> SVDModels:
     path = resolve(path, hub_variant)
     manifest = read_manifest(path)
     available = [c for c in COMPONENT_CONFIGS if c in manifest.get("components", {})]
@@ -244,7 +350,9 @@ def _load_folder(path, policy: Policy, components, sharding: Sharder | None, hub
         folder = path / component
         if not (folder / PARAMS_DIR).is_dir():
             raise ValueError(f"{folder}: missing its {PARAMS_DIR} checkpoint")
-        configs[component] = config_from_dict(json.loads((folder / "config.json").read_text()))
+        if verify:
+            verify_component(path, manifest, component)
+        configs[component] = read_config(folder, component)
     # Each restore (reads, casts, placement: mostly outside the GIL) runs in a thread of its own while the next
     # component's abstract model is built here; the largest component first, so that its restore starts first.
     largest_first = sorted(configs, key=lambda c: -manifest["components"][c].get("num_params", 0))

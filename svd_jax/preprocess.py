@@ -159,10 +159,20 @@ def clip_preprocess(image_minus1_1, size: int = 224) -> jax.Array:
 # --------------------------------------------------------------------------------------------
 
 
+# The largest image file read (width x height, 8192 x 8192): the size is checked from the header before the
+# pixels are decompressed, so a small file declaring a huge image (a decompression bomb) costs nothing.
+MAX_IMAGE_PIXELS = 1 << 26
+
+
 def _open_image_file(path) -> PIL.Image.Image:
+    too_large = f"cannot read image file {os.fspath(path)!r}: it declares more than {MAX_IMAGE_PIXELS:,} pixels"
     try:
         image = PIL.Image.open(path)
+        if image.width * image.height > MAX_IMAGE_PIXELS:
+            raise ValueError(f"{too_large} ({image.width}x{image.height}; resize it first)")
         image.load()
+    except PIL.Image.DecompressionBombError:  # beyond PIL's own limit, refused by PIL when opened
+        raise ValueError(f"{too_large} (resize it first)") from None
     except (OSError, PIL.UnidentifiedImageError) as err:  # missing, a directory, not an image, truncated
         raise ValueError(f"cannot read image file {os.fspath(path)!r}: {err}") from None
     # Applies the EXIF orientation, as diffusers.utils.load_image does.

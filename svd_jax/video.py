@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from svd_jax.errors import os_error_line
+
 __all__ = ["FILE_FORMATS", "check_destination", "discard_partial", "frames_to_uint8", "save_video", "write_settings"]
 
 FILE_FORMATS = (".mp4", ".gif", ".webp")
@@ -81,8 +83,8 @@ def _write_mp4(video: np.ndarray, path: Path, fps: float) -> None:
     ]  # fmt: skip
     result = subprocess.run(cmd, input=np.ascontiguousarray(video).tobytes(), capture_output=True)
     if result.returncode != 0:
-        message = result.stderr.decode(errors="replace").strip()[-2000:]
-        raise RuntimeError(f"ffmpeg failed writing {path} (exit code {result.returncode}): {message}")
+        lines = result.stderr.decode(errors="replace").strip().splitlines() or ["no message"]
+        raise RuntimeError(f"ffmpeg failed writing {path} (exit code {result.returncode}): {lines[-1][:500]}")
 
 
 def _write_animated(video: np.ndarray, path: Path, fps: float, image_format: str) -> None:
@@ -192,10 +194,13 @@ def save_video(frames, path: str | os.PathLike, fps: float = 7) -> Path:
         else:
             _write_animated(video, temporary, float(fps), "GIF" if kind == ".gif" else "WEBP")
         os.replace(temporary, final)
-    except BaseException:
+    except BaseException as e:
         if temporary.is_dir():
             shutil.rmtree(temporary, ignore_errors=True)
         else:
             temporary.unlink(missing_ok=True)
+        if isinstance(e, (OSError, RuntimeError)):  # one line naming the file asked for, not the temporary one
+            line = os_error_line(e) if isinstance(e, OSError) else str(e)
+            raise type(e)(line.replace(str(temporary), str(final))) from e
         raise
     return final

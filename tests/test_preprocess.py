@@ -203,6 +203,30 @@ def test_load_image_file_errors(tmp_path):
         load_image([1, 2, 3])
 
 
+def _png_declaring(path, width: int, height: int):
+    """A small valid PNG whose header is then rewritten to declare ``width x height`` (a decompression bomb's
+    header: the pixel data would be decompressed only when loaded)."""
+    import struct
+    import zlib
+
+    PIL.Image.new("L", (8, 8)).save(path)
+    data = bytearray(path.read_bytes())
+    ihdr = data[12:29]  # b"IHDR" + 13 bytes of fields
+    ihdr[4:12] = struct.pack(">II", width, height)
+    data[12:33] = bytes(ihdr) + struct.pack(">I", zlib.crc32(bytes(ihdr)))
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize("size", [(100_000, 100_000), (9000, 9000), (2 ** 31 - 1, 2 ** 31 - 1)])
+def test_load_image_refuses_huge_declared_sizes(tmp_path, size):
+    bomb = _png_declaring(tmp_path / "bomb.png", *size)
+    with pytest.raises(ValueError) as error:
+        load_image(bomb)
+    assert str(bomb) in str(error.value) and "resize it first" in str(error.value)
+    assert len(str(error.value).splitlines()) == 1
+
+
 @pytest.mark.parametrize(
     "array",
     [

@@ -214,3 +214,18 @@ def test_failed_ffmpeg_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="ffmpeg failed"):
         video.save_video(block_frames(), tmp_path / "clip.mp4")
     assert os.listdir(tmp_path) == []
+
+
+def test_write_errors_name_the_destination(tmp_path, monkeypatch):
+    """A failed write is one line naming the file the caller asked for, never the temporary sibling."""
+    failing_after(monkeypatch, 0)
+    with pytest.raises(OSError) as error:
+        video.save_video(block_frames(), tmp_path / "clip.gif")
+    assert str(error.value) == f"{tmp_path / 'clip.gif'}: disk full" or str(error.value) == "disk full"
+    monkeypatch.undo()
+    monkeypatch.setattr(video, "H264_CRF", "not-a-number")
+    with pytest.raises(RuntimeError) as error:
+        video.save_video(block_frames(), tmp_path / "clip.mp4")
+    assert str(tmp_path / "clip.mp4") in str(error.value) and ".partial" not in str(error.value)
+    assert len(str(error.value).splitlines()) == 1
+    assert os.listdir(tmp_path) == []

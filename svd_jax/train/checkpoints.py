@@ -23,7 +23,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from svd_jax.checkpoint import path_key, save_params
-from svd_jax.loader import MANIFEST
+from svd_jax.loader import MANIFEST, component_sha256
 
 
 class Checkpoints:
@@ -104,7 +104,8 @@ def save_models(destination, components: dict[str, Any], note: dict[str, Any] | 
             manifest["components"][name] = {
                 "layout": "fine-tuned", "config": module.config.to_dict(),
                 "num_params": int(sum(a.size for a in arrays.values())),
-                "dtypes": dict(Counter(a.dtype.name for a in arrays.values())), "ignored_source_keys": []}
+                "dtypes": dict(Counter(a.dtype.name for a in arrays.values())), "ignored_source_keys": [],
+                "sha256": component_sha256(folder)}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         if destination.exists():
             shutil.rmtree(destination)

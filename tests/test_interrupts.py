@@ -1,0 +1,122 @@
+"""Interrupted and concurrent runs: Ctrl-C ends a conversion with exit 130 and nothing on disk, a killed one's
+leftovers are removed by the next run, and two processes converting the same source for load() share one result.
+Each child announces the point where it is interrupted (see faults.py)."""
+
+import os
+import signal
+import socket
+import time
+
+import pytest
+from transformers import CLIPVisionConfig as HFCLIPVisionConfig
+from transformers import CLIPVisionModelWithProjection
+
+from faults import finish, leftovers, start, wait_for_line
+from parity import randomize
+
+CONVERT = "import sys\nimport svd_jax.checkpoint\n{pause}\nfrom convert.__main__ import main\nsys.exit(main(sys.argv[1:]))\n"
+
+
+@pytest.fixture(scope="module")
+def clip_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("src") / "image_encoder"
+    config = HFCLIPVisionConfig(hidden_size=32, intermediate_size=37, projection_dim=24, num_hidden_layers=2,
+                                num_attention_heads=4, image_size=30, patch_size=10)
+    randomize(CLIPVisionModelWithProjection(config)).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("point", ["save_params", "wait_until_finished"])
+def test_sigint_during_conversion(tmp_path, clip_folder, point):
+    """Ctrl-C while a component is written (before orbax starts, and while orbax's commit may still run)."""
+    pause = {"save_params": "pause_at(svd_jax.checkpoint, 'save_params', 'PAUSED')",
+             "wait_until_finished": "import orbax.checkpoint as ocp\n"
+                                    "pause_at(ocp.StandardCheckpointer, 'wait_until_finished', 'PAUSED')"}[point]
+    child = start(CONVERT.format(pause=pause), clip_folder, tmp_path / "dst", "--no-hash")
+    wait_for_line(child, "PAUSED")
+    assert any(p.name.startswith(".dst.partial") for p in tmp_path.iterdir())
+    child.send_signal(signal.SIGINT)
+    code, err = finish(child)
+    assert code == 130 and err.splitlines() == ["interrupted"], err
+    assert leftovers(tmp_path) == []
+
+
+def test_sigint_inside_a_gc_callback_is_not_lost():
+    """An interrupt that lands inside a garbage-collection callback (where Python would print "Exception ignored"
+    and go on) is delivered just after it."""
+    script = ("import gc, os, signal\nfrom svd_jax.interrupt import sigint_interrupts\n"
+              "def callback(phase, info):\n"
+              "    if phase == 'start' and not fired:\n"
+              "        fired.append(1)\n        os.kill(os.getpid(), signal.SIGINT)\n        sum(range(1000))\n"
+              "fired = []\ngc.callbacks.insert(0, callback)\n"
+              "try:\n    with sigint_interrupts():\n        gc.collect()\n"
+              "        for _ in range(500):\n            time.sleep(0.002)\n    print('FINISHED')\n"
+              "except KeyboardInterrupt:\n    print('INTERRUPTED')\n")
+    child = start(script)
+    out, err = child.communicate(timeout=60)
+    assert out.split() == ["INTERRUPTED"] and "Exception ignored" not in err, (out, err)
+
+
+def test_killed_conversion_is_cleaned_by_the_next(tmp_path, clip_folder):
+    """kill -9 leaves a partial folder no process can remove; the next conversion next to it removes it."""
+    child = start(CONVERT.format(pause="pause_at(svd_jax.checkpoint, 'save_params', 'PAUSED')"),
+                  clip_folder, tmp_path / "dst", "--no-hash")
+    wait_for_line(child, "PAUSED")
+    child.kill()
+    child.wait()
+    assert [p.name for p in tmp_path.iterdir()] == [f".dst.partial-{socket.gethostname()}-{child.pid}"]
+    from convert.__main__ import main
+
+    assert main([str(clip_folder), str(tmp_path / "other"), "--no-hash"]) == 0
+    assert leftovers(tmp_path) == ["other"]
+
+
+LOAD = """import sys
+import convert
+{pause}
+import svd_jax
+print("LOADING", flush=True)
+models = svd_jax.load(sys.argv[1], components=["image_encoder"])
+print("LOADED", models.path, flush=True)
+"""
+
+
+def test_two_processes_convert_a_source_once(tmp_path, clip_folder):
+    """The first process converts while holding a lock; the second waits for it and loads the result."""
+    env = {"SVD_JAX_CACHE": str(tmp_path / "cache"), "GATE": str(tmp_path / "gate")}
+    first = start(LOAD.format(pause="pause_at(convert, 'convert', 'CONVERTING')"), clip_folder, env=env)
+    wait_for_line(first, "CONVERTING")
+    never = "def refuse(*args, **kwargs):\n    raise SystemExit('converted twice')\nconvert.convert = refuse"
+    second = start(LOAD.format(pause=never), clip_folder, env=env)
+    wait_for_line(second, "LOADING")
+    time.sleep(1.0)
+    assert second.poll() is None, second.communicate()  # waiting for the first one's lock
+    (tmp_path / "gate").touch()
+    results = [first.communicate(timeout=120), second.communicate(timeout=120)]
+    assert first.returncode == 0 and second.returncode == 0, results
+    converted = [p.name for p in (tmp_path / "cache" / "converted").iterdir() if not p.name.startswith(".")]
+    assert len(converted) == 1
+    assert all(out.split()[-1].endswith(converted[0]) for out, _ in results)
+
+
+def test_conversion_cache_follows_the_contents(tmp_path, clip_folder, monkeypatch):
+    """A source whose weights change (same size, same modification time) is converted again."""
+    import shutil
+
+    from svd_jax import loader
+
+    monkeypatch.setenv("SVD_JAX_CACHE", str(tmp_path / "cache"))
+    source = tmp_path / "image_encoder"
+    shutil.copytree(clip_folder, source)
+    first = loader.resolve(source)
+    weights = source / "model.safetensors"
+    stat = weights.stat()
+    data = bytearray(weights.read_bytes())
+    data[-4:] = bytes(4)  # the last float of the last tensor becomes 0
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    second = loader.resolve(source)
+    assert second != first and loader.resolve(source) == second
+    copy = tmp_path / "copy"
+    shutil.copytree(source, copy)
+    assert loader.resolve(copy).name.split("-")[-1] == second.name.split("-")[-1]  # same contents, same key
