@@ -1,7 +1,8 @@
 """``svd-jax``: the command line.
 
 ``svd-jax generate IMAGE -o OUT.mp4 [--model PATH|HUB_ID|tiny] [--preset NAME] [generate options]``,
-``svd-jax convert SRC DST`` (as ``python -m convert``), ``svd-jax info DST``, ``svd-jax train CONFIG``.
+``svd-jax convert SRC DST`` (as ``python -m convert``), ``svd-jax info DST``, ``svd-jax clean [FOLDER ...]``,
+``svd-jax train CONFIG``.
 
 Each subcommand is one ``_add_<name>`` function that builds its parser and names the function that runs it
 (``set_defaults(run=...)``); :func:`build_parser` lists them. Every option's help states its default
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 EXIT_USAGE = 2
 
@@ -65,7 +67,7 @@ def _info(args: argparse.Namespace) -> int:
         print(f"  source {f.get('path', f['name'])} -> {used_by} "
               f"({f['bytes']:,} bytes, sha256 {f.get('sha256') or 'not recorded'})")
     for name, info in manifest["components"].items():
-        config = info["config"]
+        config = info.get("config") if isinstance(info.get("config"), dict) else {}
         dtypes = ", ".join(f"{k} x{v}" for k, v in dict(info.get("dtypes", {})).items())
         print(f"  {name}: {config.get('kind')}, {info.get('num_params', 0):,} parameters ({dtypes}), "
               f"from {info.get('layout')} layout")
@@ -80,6 +82,26 @@ def _add_info(commands) -> None:
     info.set_defaults(run=_info)
 
 
+def _clean(args: argparse.Namespace) -> int:
+    from convert.api import remove_stale_scratch
+    from svd_jax.loader import cache_dir
+
+    folders = [Path(f) for f in args.folders] or [Path.cwd(), cache_dir() / "converted"]
+    removed = [path for folder in folders for path in remove_stale_scratch(folder)]
+    for path in removed:
+        print(f"removed {path}")
+    print(f"{len(removed)} leftover{'s' if len(removed) != 1 else ''} of stopped runs removed from "
+          f"{', '.join(map(str, folders))}")
+    return 0
+
+
+def _add_clean(commands) -> None:
+    clean = _subcommand(commands, "clean", "remove the partial folders that killed runs left behind")
+    clean.add_argument("folders", nargs="*", help="where to look (default: the current folder and the conversion "
+                                                  "cache); only leftovers of stopped processes are removed")
+    clean.set_defaults(run=_clean)
+
+
 def _add_train(commands) -> None:
     from svd_jax.train.cli import add_arguments, run
 
@@ -91,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="svd-jax", description="Stable Video Diffusion in JAX",
                                      formatter_class=HelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_generate, _add_convert, _add_info, _add_train):
+    for add in (_add_generate, _add_convert, _add_info, _add_clean, _add_train):
         add(commands)
     return parser
 

@@ -67,3 +67,37 @@ def one_line_failures():
     finally:
         sys.unraisablehook = previous_hook
         absl.removeFilter(drop)
+
+
+class NonFiniteError(FloatingPointError):
+    """A generation produced NaN or infinity: its output would be black frames, so it is refused instead."""
+
+
+class OutOfMemory(MemoryError):
+    """A device ran out of memory in a named stage; the message says what to lower."""
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    return "RESOURCE_EXHAUSTED" in str(error) or "Out of memory" in str(error) or isinstance(error, MemoryError)
+
+
+@contextlib.contextmanager
+def stage(name: str, lower: str):
+    """Turn a device's out-of-memory failure inside the block into one :class:`OutOfMemory` line naming the stage
+    (``"sampling"``) and what to lower (``"num_frames, height and width, or the batch"``)."""
+    try:
+        yield
+    except OutOfMemory:
+        raise
+    except Exception as e:
+        if not _is_out_of_memory(e):
+            raise
+        raise OutOfMemory(f"out of memory while {name}: lower {lower}") from e
+
+
+def check_finite(array, what: str) -> None:
+    """Raise :class:`NonFiniteError` if ``array`` holds NaN or infinity (one device-to-host transfer of a flag)."""
+    import jax.numpy as jnp
+
+    if not bool(jnp.isfinite(array).all()):
+        raise NonFiniteError(f"{what} hold NaN or infinity: the weights or the inputs are broken")

@@ -120,3 +120,23 @@ def test_conversion_cache_follows_the_contents(tmp_path, clip_folder, monkeypatc
     copy = tmp_path / "copy"
     shutil.copytree(source, copy)
     assert loader.resolve(copy).name.split("-")[-1] == second.name.split("-")[-1]  # same contents, same key
+
+
+def test_clean_removes_only_leftovers_of_stopped_processes(tmp_path, capsys):
+    import socket
+    import subprocess
+
+    from svd_jax.cli import main
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    host = socket.gethostname()
+    stale = [tmp_path / f".dst.partial-{host}-{dead.pid}", tmp_path / f".video.old-{host}-{dead.pid}"]
+    live = [tmp_path / f".dst.partial-{host}-{os.getpid()}", tmp_path / f".dst.partial-elsewhere-{dead.pid}",
+            tmp_path / "keep", tmp_path / ".dst.partial-notes"]
+    for path in stale + live:
+        path.mkdir()
+        (path / "data").write_text("x")
+    assert main(["clean", str(tmp_path)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in live)
+    assert capsys.readouterr().out.splitlines()[-1].startswith("2 leftovers of stopped runs removed")

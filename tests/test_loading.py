@@ -24,17 +24,25 @@ def test_unconverted_folder_is_converted_once_and_reused(tmp_path, isolated_cach
                               num_attention_heads=4, image_size=30, patch_size=10)
     randomize(CLIPVisionModelWithProjection(config)).save_pretrained(tmp_path / "repo" / "image_encoder")
     first = svd_jax.load(tmp_path / "repo", policy=svd_jax.Policy.float32())
-    (converted,) = (isolated_cache / "converted").iterdir()
+    (converted,) = _converted(isolated_cache)
     stamp = (converted / "manifest.json").stat().st_mtime_ns
     second = svd_jax.load(tmp_path / "repo", policy=svd_jax.Policy.float32())
     assert (converted / "manifest.json").stat().st_mtime_ns == stamp  # reused, not converted again
     assert second.path == first.path == converted
     pixels = np.random.default_rng(0).normal(size=(1, 30, 30, 3)).astype(np.float32)
     np.testing.assert_array_equal(first.image_encoder(pixels), second.image_encoder(pixels))
-    # a changed source is converted again into a new folder
+    # a touched source is the same source; a changed one is converted again into a new folder
     os.utime(tmp_path / "repo" / "image_encoder" / "model.safetensors", ns=(1, 1))
+    assert svd_jax.load(tmp_path / "repo", policy=svd_jax.Policy.float32()).path == converted
+    config = tmp_path / "repo" / "image_encoder" / "config.json"
+    config.write_text(config.read_text().replace('"layer_norm_eps": 1e-05', '"layer_norm_eps": 1e-06'))
     svd_jax.load(tmp_path / "repo", policy=svd_jax.Policy.float32())
-    assert len(list((isolated_cache / "converted").iterdir())) == 2
+    assert len(_converted(isolated_cache)) == 2
+
+
+def _converted(cache):
+    """The converted folders in the cache (not its hidden locks and hash memos)."""
+    return [p for p in (cache / "converted").iterdir() if not p.name.startswith(".")]
 
 
 def test_hub_id_offline_gives_a_clear_error(isolated_cache, monkeypatch):
