@@ -167,6 +167,8 @@ def convert(src, dst, config_dir=None, force: bool = False, hash_sources: bool =
     AnimateLCM-SVD-xt's) converted in place of ``src``'s UNet, ``src`` giving the other components."""
     src, dst = Path(src), Path(dst)
     check_separate(src, dst)
+    if unet is not None:
+        check_separate(Path(unet), dst)
     if dst.exists() and not force:
         raise ConversionError(f"{dst} already exists (pass --force to replace it)")
     if not dst.parent.is_dir():

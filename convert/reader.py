@@ -7,7 +7,6 @@ would hold all of it resident by the end of the conversion.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import struct
@@ -17,6 +16,7 @@ import ml_dtypes
 import numpy as np
 
 from convert.errors import ConversionError
+from svd_jax.loader import hash_file
 
 # safetensors dtype names -> numpy dtypes (little-endian, as the format stores them); numpy has no bfloat16.
 DTYPES = {"F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
@@ -101,8 +101,4 @@ class SafetensorsFile:
         return array
 
     def sha256(self) -> str:
-        digest = hashlib.sha256()
-        with self.path.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 24), b""):
-                digest.update(block)
-        return digest.hexdigest()
+        return hash_file(self.path).hexdigest()

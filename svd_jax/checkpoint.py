@@ -80,7 +80,11 @@ def save_params(directory: Path, params: dict[str, np.ndarray | DeferredArray]) 
 
 def stored_params(directory: Path) -> dict[str, tuple[tuple[int, ...], str]]:
     """``{dotted.path: (shape, dtype name)}`` of a saved checkpoint, read from its metadata only."""
-    meta = ocp.StandardCheckpointer().metadata(Path(directory).absolute() / PARAMS_DIR)
+    path = Path(directory).absolute() / PARAMS_DIR
+    try:
+        meta = ocp.StandardCheckpointer().metadata(path)
+    except Exception as e:  # a missing or damaged _METADATA, a deleted folder: orbax's types vary by version
+        raise storage_error(e, path, "read") from e
     tree = getattr(meta, "item_metadata", meta)
     tree = getattr(tree, "tree", tree)
     return {k: (tuple(v.shape), np.dtype(v.dtype).name) for k, v in _flatten(dict(tree)).items()}
@@ -126,8 +130,13 @@ def restore_model(abstract_model, directory: Path, policy: Policy, sharding: Sha
                                   sharding=sharding(key, var.get_value().shape) if sharding else device)
         for key, var in expected.items()
     }
-    with bounded_io.reader(_largest_bytes(stored, policy.param)) as checkpointer:
-        restored = _flatten(checkpointer.restore(directory.absolute() / PARAMS_DIR, _nest(target)))
+    try:
+        with bounded_io.reader(_largest_bytes(stored, policy.param)) as checkpointer:
+            restored = _flatten(checkpointer.restore(directory.absolute() / PARAMS_DIR, _nest(target)))
+    except Exception as e:  # a truncated or deleted data file (tensorstore's status errors)
+        if not STORAGE_STATUS.match(str(e)) or "RESOURCE_EXHAUSTED" in str(e):
+            raise
+        raise storage_error(e, directory / PARAMS_DIR, "read") from e
     for path, var in nnx.to_flat_state(params):
         var.set_value(restored[path_key(path)])
     return nnx.merge(graphdef, params, rest)

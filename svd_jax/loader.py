@@ -91,10 +91,17 @@ def component_sha256(folder: Path) -> str:
     digest = hashlib.sha256()
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         digest.update(f"{path.relative_to(folder).as_posix()}:{path.stat().st_size}\n".encode())
-        with path.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 24), b""):
-                digest.update(block)
+        hash_file(path, digest)
     return digest.hexdigest()
+
+
+def hash_file(path: Path, digest=None):
+    """``digest`` (a new sha256 by default) updated with the file's contents, read 16 MB at a time."""
+    digest = digest or hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest
 
 
 def verify_component(path: Path, manifest: dict[str, Any], component: str) -> None:
@@ -160,10 +167,7 @@ def _file_sha256(path: Path, memo: Path) -> str:
     remembered = memo / hashlib.sha256(identity.encode()).hexdigest()
     if remembered.is_file():
         return remembered.read_text().strip()
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
+    digest = hash_file(path)
     memo.mkdir(parents=True, exist_ok=True)
     partial = remembered.with_name(f".{remembered.name}.{os.getpid()}")
     partial.write_text(digest.hexdigest())

@@ -3,6 +3,7 @@ leftovers are removed by the next run, and two processes converting the same sou
 Each child announces the point where it is interrupted (see faults.py)."""
 
 import os
+import shutil
 import signal
 import socket
 import time
@@ -71,6 +72,31 @@ def test_killed_conversion_is_cleaned_by_the_next(tmp_path, clip_folder):
     assert leftovers(tmp_path) == ["other"]
 
 
+EXPORT = ("import sys\nimport convert.export\npause_at(convert.export, 'write_safetensors', 'PAUSED')\n"
+          "from convert.__main__ import main\nsys.exit(main(['--to-diffusers', *sys.argv[1:]]))\n")
+
+
+@pytest.mark.parametrize("stop", ["sigint", "kill"])
+def test_interrupted_export(tmp_path, clip_folder, stop):
+    """--to-diffusers: Ctrl-C leaves nothing; kill -9 leaves a partial folder that the next export removes."""
+    from convert.__main__ import main
+
+    assert main([str(clip_folder), str(tmp_path / "converted"), "--no-hash"]) == 0
+    child = start(EXPORT, tmp_path / "converted", tmp_path / "out")
+    wait_for_line(child, "PAUSED")
+    if stop == "sigint":
+        child.send_signal(signal.SIGINT)
+        code, err = finish(child)
+        assert code == 130 and err.splitlines() == ["interrupted"], err
+    else:
+        child.kill()
+        child.wait()
+        assert leftovers(tmp_path, {"converted"}) == [f".out.partial-{socket.gethostname()}-{child.pid}"]
+        assert main(["--to-diffusers", str(tmp_path / "converted"), str(tmp_path / "again")]) == 0
+        shutil.rmtree(tmp_path / "again")
+    assert leftovers(tmp_path, {"converted"}) == []
+
+
 LOAD = """import sys
 import convert
 {pause}
@@ -101,8 +127,6 @@ def test_two_processes_convert_a_source_once(tmp_path, clip_folder):
 
 def test_conversion_cache_follows_the_contents(tmp_path, clip_folder, monkeypatch):
     """A source whose weights change (same size, same modification time) is converted again."""
-    import shutil
-
     from svd_jax import loader
 
     monkeypatch.setenv("SVD_JAX_CACHE", str(tmp_path / "cache"))

@@ -109,3 +109,20 @@ def test_bad_stored_config(copy, change, needle):
     config = json.loads(path.read_text())
     path.write_text(json.dumps(VAEConfig.tiny().to_dict() if change == "vae" else {**config, **change}))
     _refused(copy, str(path), needle, verify=False)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete", "metadata"])
+def test_damaged_checkpoint_without_verify_is_one_line(copy, damage):
+    """Skipping the checksum, orbax's own failure to read is still one line naming the checkpoint."""
+    data = _data_files(copy)[0]
+    if damage == "truncate":
+        data.write_bytes(data.read_bytes()[:-10])
+    elif damage == "delete":
+        data.unlink()
+    else:
+        (copy / "image_encoder" / "params" / "_METADATA").unlink()
+    with pytest.raises(OSError) as error:
+        svd_jax.load(copy, verify=False)
+    message = str(error.value)
+    assert len(message.splitlines()) == 1 and "cannot read the checkpoint" in message, message
+    assert str(copy / "image_encoder" / "params") in message
