@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import threading
+import time
 from typing import Callable
 
 import numpy as np
@@ -115,7 +117,28 @@ def save(path, tree, largest_bytes: int) -> None:
         (DeferredArray, streaming),
         *[(kind, streaming if kind is np.ndarray else types.get_type_handler(kind)) for kind in types.supported_types()])
     handler = ocp.PyTreeCheckpointHandler(save_concurrent_gb=limit, type_handler_registry=registry)
-    with ocp.Checkpointer(handler) as checkpointer:
-        checkpointer.save(path, tree)
+    before = set(threading.enumerate())
+    try:
+        with ocp.Checkpointer(handler) as checkpointer:
+            checkpointer.save(path, tree)
+    except BaseException as e:  # an interrupt or a failure: the caller will remove what was written
+        streaming.read_error = streaming.read_error or e  # the writes not yet started are skipped
+        _join_threads_since(before)
+        raise
     if streaming.read_error is not None:
         raise streaming.read_error
+
+
+def _join_threads_since(before: set, timeout: float = 60.0) -> None:
+    """Wait (up to ``timeout``) for the threads orbax started for a save to end, so that no write in flight lands
+    after the caller has removed the folder; a second interrupt meanwhile is raised once they have ended."""
+    deadline = time.monotonic() + timeout
+    interrupted = None
+    for thread in set(threading.enumerate()) - before:
+        while thread.is_alive() and time.monotonic() < deadline:
+            try:  # polled: orbax's threads raise from join(timeout) when they are still running
+                time.sleep(0.05)
+            except KeyboardInterrupt as e:
+                interrupted = e
+    if interrupted is not None:
+        raise interrupted

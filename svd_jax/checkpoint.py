@@ -87,6 +87,8 @@ def stored_params(directory: Path) -> dict[str, tuple[tuple[int, ...], str]]:
         raise storage_error(e, path, "read") from e
     tree = getattr(meta, "item_metadata", meta)
     tree = getattr(tree, "tree", tree)
+    if not hasattr(tree, "keys"):  # orbax gives None for a checkpoint whose metadata is missing or unreadable
+        raise OSError(f"{path}: cannot read the checkpoint (its metadata is missing or damaged)")
     return {k: (tuple(v.shape), np.dtype(v.dtype).name) for k, v in _flatten(dict(tree)).items()}
 
 

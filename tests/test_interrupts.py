@@ -27,19 +27,24 @@ def clip_folder(tmp_path_factory):
     return folder
 
 
-@pytest.mark.parametrize("point", ["save_params", "wait_until_finished"])
+@pytest.mark.parametrize("point", ["save_params", "writing"])
 def test_sigint_during_conversion(tmp_path, clip_folder, point):
-    """Ctrl-C while a component is written (before orbax starts, and while orbax's commit may still run)."""
+    """Ctrl-C before a component's checkpoint is started, and while orbax writes it (the pause is then in the
+    tensor read that orbax's writer calls; it is released a moment after the interrupt, as a write in flight
+    would end, and must not recreate anything after the cleanup)."""
     pause = {"save_params": "pause_at(svd_jax.checkpoint, 'save_params', 'PAUSED')",
-             "wait_until_finished": "import orbax.checkpoint as ocp\n"
-                                    "pause_at(ocp.StandardCheckpointer, 'wait_until_finished', 'PAUSED')"}[point]
-    child = start(CONVERT.format(pause=pause), clip_folder, tmp_path / "dst", "--no-hash")
+             "writing": "import convert.api\npause_at(convert.api, '_finite', 'PAUSED')"}[point]
+    env = {"GATE": str(tmp_path / "gate")}
+    child = start(CONVERT.format(pause=pause), clip_folder, tmp_path / "dst", "--no-hash", env=env)
     wait_for_line(child, "PAUSED")
     assert any(p.name.startswith(".dst.partial") for p in tmp_path.iterdir())
     child.send_signal(signal.SIGINT)
+    time.sleep(1.0)
+    (tmp_path / "gate").touch()
     code, err = finish(child)
     assert code == 130 and err.splitlines() == ["interrupted"], err
-    assert leftovers(tmp_path) == []
+    time.sleep(0.5)
+    assert leftovers(tmp_path, {"gate"}) == []
 
 
 def test_sigint_inside_a_gc_callback_is_not_lost():
