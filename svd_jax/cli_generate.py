@@ -203,8 +203,8 @@ def run(args: argparse.Namespace) -> int:
         settings = {"svd_jax": __version__, "image": str(args.image), "model": str(args.model), "seed": seed,
                     "policy": str(models.policy), **options}
         sidecar = video.write_settings(path, settings)
-    except (OSError, ValueError, RuntimeError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (OSError, ValueError, RuntimeError, ImportError, MemoryError, FloatingPointError) as e:
+        print(f"error: {e}", file=sys.stderr)  # out of memory (naming the stage), non-finite output: one line too
         return EXIT_USAGE
     except (KeyboardInterrupt, _Interrupted):
         video.discard_partial(args.output)

@@ -22,6 +22,7 @@ from flax import nnx
 from svd_jax.checkpoint import PARAMS_DIR, Sharder, restore_model
 from svd_jax.components import COMPONENT_CONFIGS, abstract_model
 from svd_jax.configs import CLIPVisionConfig, UNetConfig, VAEConfig, config_from_dict
+from svd_jax.errors import stage
 from svd_jax.policy import Policy
 
 MANIFEST = "manifest.json"
@@ -364,5 +365,7 @@ def _load_folder(path, policy: Policy, components, sharding: Sharder | None, hub
         restoring = {c: pool.submit(restore_model, abstract_model(c, configs[c], policy), path / c, policy, sharding)
                      for c in largest_first}
         for component, restored in restoring.items():
-            setattr(models, component, restored.result())
+            with stage(f"loading the {component}", "the weights' precision (policy=Policy.bfloat16()) or split "
+                       "them across devices (sharding=)"):
+                setattr(models, component, restored.result())
     return models
