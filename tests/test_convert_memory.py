@@ -33,13 +33,15 @@ print(json.dumps({"baseline": baseline, "peak": status("VmHWM:"), "params": mani
 
 
 def _random_original_clip(path) -> int:
-    """An original-layout file holding only the OpenCLIP vision tower, float16, random bits; its size."""
+    """An original-layout file holding only the OpenCLIP vision tower, float16, random bits with the exponent's top
+    bit cleared (finite values below 2: the converter refuses NaN and infinity); its size."""
     with torch.device("meta"):
         visual = load_open_clip_transformer().VisionTransformer(
             image_size=28, patch_size=14, width=WIDTH, layers=LAYERS, heads=8, mlp_ratio=MLP, output_dim=512)
     specs = {OPENCLIP_VISUAL + k: (tuple(v.shape), np.dtype(np.float16)) for k, v in visual.state_dict().items()}
     rng = np.random.default_rng(0)
-    tensors = (np.frombuffer(rng.bytes(2 * int(np.prod(s))), np.float16).reshape(s) for s, _ in specs.values())
+    tensors = ((np.frombuffer(rng.bytes(2 * int(np.prod(s))), np.uint16) & np.uint16(0xBFFF)).view(np.float16).reshape(s)
+               for s, _ in specs.values())
     write_safetensors(path, specs, tensors, {"format": "pt"})
     return path.stat().st_size
 
