@@ -115,6 +115,7 @@ def warm_child(args) -> int:
     """The warm second process, as a user's: load the converted folder, first step (compilations from the
     persistent cache), then one whole video under the memory limit the parent set. One JSON line per figure."""
     start = time.time()
+    svd_jax.enable_compilation_cache()
     models = svd_jax.load(args.warm_child, policy=policy_for(args))
     loaded = time.time()
     first_step(models, args.size)
@@ -239,7 +240,7 @@ def main(argv=None) -> int:
                              "device": device.device_kind, "python": sys.version.split()[0]})
     results.log("settings", {"size": args.size, "policy": args.policy, "attention": args.attention, **SIZES[args.size]})
     os.environ["SVD_JAX_CACHE"] = tempfile.mkdtemp(prefix="svd_jax-bench-cache-")  # cold; the warm process reuses it
-    svd_jax.loader.enable_compilation_cache()
+    svd_jax.enable_compilation_cache()
     models = results.section("generation", measure_generation, results, args)
     folder = models and results.section("save", save_converted, results, models)
     del models

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(__file__))
 import svd_jax  # noqa: E402
 from bench_generate import SIZES, build_models  # noqa: E402
-from svd_jax import pipeline  # noqa: E402
+from svd_jax.denoiser import Conditioning  # noqa: E402
 
 
 def step_inputs(models, size: str):
@@ -36,16 +36,16 @@ def step_inputs(models, size: str):
     frames = settings["num_frames"]
     dim = models.image_encoder.config.projection_dim
     key = jax.random.key(0)
-    cond = pipeline.Conditioning(jax.random.normal(key, (2, 1, dim)), jax.random.normal(key, (2, h, w, 4)),
+    cond = Conditioning(jax.random.normal(key, (2, 1, dim)), jax.random.normal(key, (2, h, w, 4)),
                                  jnp.asarray([[6.0, 127.0, 0.02]] * 2), jnp.linspace(1.0, 3.0, frames))
     return jax.random.normal(key, (1, frames, h, w, 4)), cond
 
 
-def run_steps(fns, latents, cond, count: int):
+def run_steps(denoiser, latents, count: int):
     """``count`` steps from ``latents`` (donated: use the returned array) and their mean seconds."""
     start = time.perf_counter()
     for _ in range(count):
-        latents = fns.step(latents, 700.0, 500.0, 1.6, cond)
+        latents = denoiser.euler_step(latents, 700.0, 500.0, 1.6)
     latents.block_until_ready()
     return latents, (time.perf_counter() - start) / count
 
@@ -116,15 +116,15 @@ def main(argv=None) -> int:
         return 0
     os.makedirs(args.out, exist_ok=True)
     models = build_models(args.size, svd_jax.Policy.default())
-    fns = pipeline._compiled(models, None)
     latents, cond = step_inputs(models, args.size)
-    latents, seconds = run_steps(fns, latents, cond, 1)
+    denoiser = svd_jax.Pipeline(models).denoiser(cond)
+    latents, seconds = run_steps(denoiser, latents, 1)
     print(f"compile_and_first_step_s: {seconds:.1f}", flush=True)
-    latents, seconds = run_steps(fns, latents, cond, 5)
+    latents, seconds = run_steps(denoiser, latents, 5)
     print(f"step_s: {seconds:.4f}", flush=True)
     trace_dir = tempfile.mkdtemp(prefix="svd_jax-trace-")
     jax.profiler.start_trace(trace_dir)
-    latents, _ = run_steps(fns, latents, cond, args.steps)
+    latents, _ = run_steps(denoiser, latents, args.steps)
     jax.profiler.stop_trace()
     xplane = glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)[0]
     shutil.copy(xplane, os.path.join(args.out, "step.xplane.pb"))

@@ -181,7 +181,7 @@ def _run_in_worker(work, output: str):
 
 def run(args: argparse.Namespace) -> int:
     from svd_jax import __version__, video
-    from svd_jax.loader import TINY, load
+    from svd_jax.loader import TINY, enable_compilation_cache, load
 
     try:  # everything a user can get wrong is checked before the models are loaded
         source, image, options = _prepare(args)
@@ -197,6 +197,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"generating {options['num_frames']} frames at {options['width']}x{options['height']}, "
           f"{options['num_inference_steps']} steps, seed {seed}, model {source}", file=sys.stderr, flush=True)
     try:
+        enable_compilation_cache()
         models = load(source, policy=_policy(args.policy))
         frames, path = _run_in_worker(lambda cancelled: _render(models, image, options, seed, args.output, cancelled),
                                       args.output)

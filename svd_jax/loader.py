@@ -149,7 +149,9 @@ def cache_dir() -> Path:
 
 def enable_compilation_cache() -> None:
     """Turn on JAX's persistent compilation cache in ``cache_dir()/xla``, so a second process reaches its first
-    step without recompiling. A cache folder the user configured (``jax_compilation_cache_dir`` or
+    step without recompiling. This changes process-wide JAX settings, so the library never calls it on its own:
+    the CLI and the benchmarks do, and a notebook or script calls ``svd_jax.enable_compilation_cache()`` once
+    before its first ``generate``. A cache folder the user configured (``jax_compilation_cache_dir`` or
     ``JAX_COMPILATION_CACHE_DIR``) wins; ``SVD_JAX_COMPILATION_CACHE=0`` turns this off. Programs that compile
     in over 0.1 s are kept (JAX's default, 1 s, would recompile the preprocessing's small programs each time)
     unless ``JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`` says otherwise."""
@@ -323,7 +325,6 @@ def load(path, policy: Policy | None = None, components=None, sharding: Sharder 
     :func:`svd_jax.lora.set_scale` changes between calls.
     """
     policy = policy or Policy.default()
-    enable_compilation_cache()
     adapters = None
     if lora is not None:
         from svd_jax.lora import read_adapters

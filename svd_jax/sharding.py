@@ -56,3 +56,38 @@ def param_sharder(mesh: Mesh, shard_params: bool = False, min_size: int = MIN_SH
         return NamedSharding(mesh, PartitionSpec(*spec))
 
     return sharding
+
+
+def place_rows(array, mesh: Mesh | None):
+    """``array`` with its axis 0 split across ``mesh`` (see :func:`rows`); as it is without a mesh."""
+    return array if mesh is None else jax.device_put(array, rows(mesh, array.shape[0], array.ndim))
+
+
+def on_mesh(array, mesh: Mesh) -> bool:
+    return isinstance(getattr(array, "sharding", None), NamedSharding) and array.sharding.mesh == mesh
+
+
+class Replicas:
+    """Replicated copies on a mesh of one module's weights that live elsewhere (weights already on the mesh,
+    e.g. sharded at load time, are used as they are). ``replicas(state)`` returns the state with every array on
+    the mesh. A copy is reused while its source array is still the module's; a source replaced since the last
+    call (``nnx.update``) is placed anew and its old copy dropped."""
+
+    def __init__(self, mesh: Mesh):
+        self.mesh = mesh
+        self.copies: dict[int, tuple[jax.Array, jax.Array]] = {}  # id(source) -> (source, copy)
+
+    def __call__(self, state):
+        leaves, treedef = jax.tree.flatten(state)
+        kept, placed = {}, []
+        for leaf in leaves:
+            if on_mesh(leaf, self.mesh):
+                placed.append(leaf)
+                continue
+            entry = self.copies.get(id(leaf))
+            if entry is None or entry[0] is not leaf:
+                entry = (leaf, jax.device_put(leaf, replicated(self.mesh)))
+            kept[id(leaf)] = entry
+            placed.append(entry[1])
+        self.copies = kept
+        return jax.tree.unflatten(treedef, placed)

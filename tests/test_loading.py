@@ -78,7 +78,7 @@ def test_random_and_loaded_models_compile_to_the_same_programs(tmp_path):
     argument) would give another program and a recompilation in every process that loads instead of drawing."""
     from flax import nnx
 
-    from svd_jax import pipeline
+    from svd_jax import denoiser
     from svd_jax.train.checkpoints import save_models
 
     policy = svd_jax.Policy.float32()
@@ -86,12 +86,12 @@ def test_random_and_loaded_models_compile_to_the_same_programs(tmp_path):
     folder = save_models(tmp_path / "saved", {"unet": drawn.unet})
     loaded = svd_jax.load(folder, policy=policy, components=["unet"])
     latents = np.zeros((1, 2, 4, 4, 4), np.float32)
-    cond = pipeline.Conditioning(np.zeros((1, 1, 32), np.float32), np.zeros((1, 4, 4, 4), np.float32),
+    cond = denoiser.Conditioning(np.zeros((1, 1, 32), np.float32), np.zeros((1, 4, 4, 4), np.float32),
                                  np.zeros((1, 3), np.float32), None)
 
     def program(models):
         graph, state = nnx.split(models.unet)
-        return pipeline._denoise_step.lower(graph, policy.compute, None, state, latents, 1.0, 0.5, 0.1, cond).as_text()
+        return denoiser._euler_step.lower(graph, None, state, latents, 1.0, 0.5, 0.1, cond).as_text()
 
     assert program(drawn) == program(loaded)
 

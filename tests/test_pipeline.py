@@ -6,10 +6,11 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from flax import nnx
 
 import svd_jax
 from parity import convert_inprocess
-from svd_jax import pipeline
+from svd_jax import denoiser, pipeline
 from tiny_svd import tiny_pipeline
 
 @pytest.fixture(scope="module")
@@ -103,7 +104,7 @@ def test_callback_can_replace_latents(converted):
                                  models.vae)
         svd_jax.generate(random_image(32, 32, 4), copy, num_frames=2, num_inference_steps=2, height=32, width=32,
                          seed=1, progress=False, output_type="latent")
-        sizes.append(pipeline._denoise_step._cache_size())
+        sizes.append(denoiser._euler_step._cache_size())
     assert sizes[0] == sizes[1]
 
 
@@ -153,7 +154,7 @@ def test_half_precision_policy_runs_close_to_float32_and_encodes_in_float32(half
     fp32 = svd_jax.SVDModels(half_models.path, svd_jax.Policy.float32(), half_models.manifest,
                              *(recast(getattr(half_models, c), c, svd_jax.Policy.float32())
                                for c in ("image_encoder", "unet", "vae")))
-    vae_state = pipeline._compiled(half_models, None).vae_state
+    vae_state = nnx.state(svd_jax.Pipeline(half_models)._encoding_vae())
     assert {leaf.dtype for leaf in jax.tree.leaves(vae_state)} == {np.dtype("float32")}
     args = dict(num_frames=2, num_inference_steps=1, height=32, width=32, seed=0, progress=False, output_type="latent")
     image = random_image(32, 32, 8)

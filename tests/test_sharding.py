@@ -30,6 +30,15 @@ for shard_params in (False, True):
         results["sharded_leaves"] = sum(1 for v in flat.values() if not v.sharding.is_fully_replicated)
     out = svd_jax.generate(images, models, mesh=mesh, **args)
     results[f"max_diff_shard_params_{shard_params}"] = float(np.abs(out - single).max())
+# weights updated in place after a pipeline replicated them: its next call equals a new pipeline's
+from flax import nnx
+models = svd_jax.load("tiny", policy=svd_jax.Policy.float32())
+pipe = svd_jax.Pipeline(models, mesh)
+before = pipe(images, **args)
+nnx.update(models.unet, jax.tree.map(lambda a: a * 0.5, nnx.state(models.unet, nnx.Param)))
+after = pipe(images, **args)
+results["update_changed"] = float(np.abs(after - before).max())
+results["update_vs_new_pipeline"] = float(np.abs(after - svd_jax.generate(images, models, mesh=mesh, **args)).max())
 print(json.dumps(results))
 """
 
@@ -45,6 +54,7 @@ def test_sharded_generation_equals_single_device():
     assert figures["max_diff_shard_params_False"] <= 1e-4, figures
     assert figures["max_diff_shard_params_True"] <= 1e-4, figures
     assert figures["sharded_leaves"] > 10, figures
+    assert figures["update_changed"] > 1e-2 and figures["update_vs_new_pipeline"] == 0, figures
 
 
 def test_param_sharder_rules():

@@ -47,12 +47,14 @@ def _overrides(args: argparse.Namespace) -> dict:
 def run(args: argparse.Namespace) -> int:
     import jax
 
+    from svd_jax.loader import enable_compilation_cache
     from svd_jax.sharding import make_mesh
     from svd_jax.train.config import load_config
     from svd_jax.train.trainer import Trainer
 
     try:
         config = load_config(args.config, _overrides(args))
+        enable_compilation_cache()
         devices = jax.local_devices()
         mesh = make_mesh(devices) if len(devices) > 1 and not args.single_device else None
         trainer = Trainer(config, mesh=mesh, progress=not args.no_progress)

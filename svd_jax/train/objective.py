@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from svd_jax import scheduler
+from svd_jax.denoiser import unet_input
 from svd_jax.train.config import ObjectiveConfig
 
 
@@ -79,10 +80,7 @@ def denoise(unet, noisy, sigma, cond_latents, image_embeds, added_time_ids) -> j
     """The v-prediction EDM denoiser D(x, sigma) in float32: ``noisy [B, F, h, w, C]``, ``sigma [B]``."""
     sigma = jnp.asarray(sigma, jnp.float32)
     sigma_bc = _per_clip(sigma, noisy.ndim)
-    scaled = scheduler.scale_model_input(noisy, sigma_bc)
-    cond = jnp.broadcast_to(cond_latents[:, None].astype(jnp.float32), scaled.shape[:-1] + cond_latents.shape[-1:])
-    unet_in = jnp.concatenate([scaled, cond], axis=-1).astype(unet.dtype)
-    out = unet(unet_in, scheduler.c_noise(sigma), image_embeds.astype(unet.dtype),
+    out = unet(unet_input(noisy, sigma_bc, cond_latents, unet.dtype), scheduler.c_noise(sigma), image_embeds.astype(unet.dtype),
                jnp.asarray(added_time_ids, jnp.float32))
     return scheduler.denoised(noisy, out, sigma_bc)
 

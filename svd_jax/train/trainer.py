@@ -130,6 +130,7 @@ class Trainer:
         self.num_trainable, self.num_frozen = num_values(self.state.params), num_values(self.frozen)
         self.position = 0  # clips consumed
         self._step = 0
+        self._sampler = None  # the Pipeline writing sample videos, made at the first one
         self.checkpoints = Checkpoints(self.output / "checkpoints", config.keep_checkpoints)
         self.log = LossLog(self.output / "losses.csv")
         latest = self.checkpoints.latest()
@@ -239,17 +240,21 @@ class Trainer:
         return load_image(self.clips.read(ref, [ref.start])[0])
 
     def write_sample(self, path=None) -> Path:
-        from svd_jax.pipeline import generate
+        from svd_jax.pipeline import Pipeline
         from svd_jax.video import save_video
 
         c, s = self.config, self.config.sample
         path = Path(path) if path else self.output / "samples" / f"step-{self.step:07d}.mp4"
         path.parent.mkdir(parents=True, exist_ok=True)
         fps = float(self.clips.conditioning([self.clips.sampler(0)])[0][0]) + 1
-        frames = generate(self.sample_image(), self.models(), height=c.data.height, width=c.data.width,
-                          num_frames=c.data.num_frames, num_inference_steps=s.num_inference_steps,
-                          min_guidance_scale=s.min_guidance_scale, max_guidance_scale=s.max_guidance_scale,
-                          fps=int(fps), seed=s.seed, output_type="uint8", progress=False, mesh=self.mesh)
+        if self._sampler is None:
+            self._sampler = Pipeline(self.models(), self.mesh)
+        else:  # the same pipeline (and what it prepared from the frozen encoders) with the current UNet weights
+            self._sampler.models = self.models()
+        frames = self._sampler(self.sample_image(), height=c.data.height, width=c.data.width,
+                               num_frames=c.data.num_frames, num_inference_steps=s.num_inference_steps,
+                               min_guidance_scale=s.min_guidance_scale, max_guidance_scale=s.max_guidance_scale,
+                               fps=int(fps), seed=s.seed, output_type="uint8", progress=False)
         return save_video(frames[0], path, fps=fps)
 
     def export(self, destination=None) -> Path:

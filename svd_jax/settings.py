@@ -1,0 +1,81 @@
+"""The arguments of a generation: the sampler presets, the defaults, and the checks every entry point shares
+(:class:`svd_jax.Pipeline`, :func:`svd_jax.generate`, the CLI, which checks sizes before loading any weights)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+
+# Sampler settings of the original code (sgm) per model, and diffusers' pipeline defaults. fps is the frame
+# rate given to the pipeline; the model is conditioned on fps - 1 (sgm's fps_id 6 == fps 7).
+PRESETS = {
+    "diffusers": dict(num_inference_steps=25, min_guidance_scale=1.0, max_guidance_scale=3.0, fps=7,
+                      motion_bucket_id=127, noise_aug_strength=0.02, decode_chunk_size=None),
+    "svd": dict(num_frames=14, num_inference_steps=25, min_guidance_scale=1.0, max_guidance_scale=2.5, fps=7,
+                motion_bucket_id=127, noise_aug_strength=0.02, decode_chunk_size=14),
+    "svd_xt": dict(num_frames=25, num_inference_steps=30, min_guidance_scale=1.5, max_guidance_scale=3.0, fps=7,
+                   motion_bucket_id=127, noise_aug_strength=0.02, decode_chunk_size=14),
+    "svd_xt_1_1": dict(num_frames=25, num_inference_steps=30, min_guidance_scale=1.5, max_guidance_scale=3.0, fps=7,
+                       motion_bucket_id=127, noise_aug_strength=0.02, decode_chunk_size=7),
+}
+# Conditioning values the released models were trained on; outside them generation runs but is unreliable.
+MOTION_BUCKET_RANGE = (0, 255)
+FPS_RANGE = (3, 30)
+OUTPUT_TYPES = ("np", "uint8", "pil", "latent")
+# diffusers' defaults for what neither a call nor the model's own settings give (num_frames: the UNet's count)
+DIFFUSERS_DEFAULTS = {"height": 576, "width": 1024, "num_frames": None, "num_inference_steps": 25}
+
+
+def positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def size_multiple(unet_config, vae_config) -> int:
+    """Height and width must be multiples of this: the VAE's downsampling times the UNet's (64 for the released
+    models, 4 for the tiny one), and of 8, the image processor's rule that diffusers applies."""
+    return math.lcm(8, vae_config.downsample_factor * unet_config.downsample_factor)
+
+
+def check_size(height, width, unet_config, vae_config) -> None:
+    """The one size rule, checked from the configs alone (the CLI checks it before loading any weights)."""
+    multiple = size_multiple(unet_config, vae_config)
+    for value, name in ((height, "height"), (width, "width")):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1 or value % multiple:
+            raise ValueError(f"{name} must be a positive multiple of {multiple} for this model (its VAE downsamples "
+                             f"by {vae_config.downsample_factor}, its UNet by {unet_config.downsample_factor}), "
+                             f"got {value!r}")
+
+
+def resolve_settings(model_settings: dict, unet_config, **given) -> dict:
+    """``height``, ``width``, ``num_frames`` and ``num_inference_steps``: as given, else the model's suggested
+    settings (:attr:`SVDModels.settings`, e.g. the tiny model's small size), else diffusers' defaults (576x1024,
+    25 steps) and the UNet's trained frame count."""
+    defaults = {**DIFFUSERS_DEFAULTS, "num_frames": unet_config.num_frames, **model_settings}
+    return {name: defaults[name] if given.get(name) is None else given[name] for name in DIFFUSERS_DEFAULTS}
+
+
+def check_conditioning(fps, motion_bucket_id, noise_aug_strength) -> None:
+    """A negative noise strength is an error; values outside the trained ranges warn (the caller's caller)."""
+    if noise_aug_strength < 0:
+        raise ValueError(f"noise_aug_strength must be >= 0, got {noise_aug_strength}")
+    if not MOTION_BUCKET_RANGE[0] <= motion_bucket_id <= MOTION_BUCKET_RANGE[1]:
+        warnings.warn(f"motion_bucket_id {motion_bucket_id} is outside the trained range {MOTION_BUCKET_RANGE}",
+                      stacklevel=4)
+    if not FPS_RANGE[0] <= fps <= FPS_RANGE[1]:
+        warnings.warn(f"fps {fps} is outside the trained range {FPS_RANGE}", stacklevel=4)
+
+
+def seeds(seed, batch: int) -> list[int]:
+    """One seed per video: ``seed + i`` for an int, the given ones for a list, fresh ones for None."""
+    if seed is None:
+        seed = int(np.random.SeedSequence().generate_state(1)[0])
+    if isinstance(seed, (int, np.integer)):
+        return [int(seed) + i for i in range(batch)]
+    chosen = [int(s) for s in seed]
+    if len(chosen) != batch:
+        raise ValueError(f"got {len(chosen)} seeds for {batch} images")
+    return chosen
