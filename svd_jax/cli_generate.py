@@ -15,16 +15,20 @@ import secrets
 import sys
 import threading
 
+from svd_jax.samplers import SAMPLERS
+from svd_jax.scheduler import SCHEDULE_KINDS
+from svd_jax.settings import PRESETS
+
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for a process ended by Ctrl-C
 # How long an interrupted run waits for the worker to reach a step boundary before exiting without it.
 INTERRUPT_GRACE_S = 2.0
 DEFAULT_MODEL = "stabilityai/stable-video-diffusion-img2vid-xt"
-PRESET_NAMES = ("diffusers", "svd", "svd_xt", "svd_xt_1_1")
 # The sampler options taken from the command line; each is None unless given, so a preset or the model's own
 # settings fill it.
 OPTIONS = ("height", "width", "num_frames", "num_inference_steps", "min_guidance_scale", "max_guidance_scale",
-           "guidance", "fps", "motion_bucket_id", "noise_aug_strength", "decode_chunk_size")
+           "guidance", "fps", "motion_bucket_id", "noise_aug_strength", "decode_chunk_size", "sampler", "schedule",
+           "cache_interval")
 
 
 def add_arguments(g: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -35,9 +39,10 @@ def add_arguments(g: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="a converted folder, a diffusers folder or original .safetensors (converted once and "
                         "cached), a Hugging Face repo id, or 'tiny' (a tiny random model for trying the tool: its "
                         "video is noise)")
-    g.add_argument("--preset", choices=PRESET_NAMES,
-                   help="sampler settings of the original code per model, or diffusers' defaults; the options "
-                        "below override it (default: diffusers' defaults)")
+    g.add_argument("--preset", choices=list(PRESETS),
+                   help="sampler settings of the original code per model, diffusers' defaults, or animatelcm "
+                        "(AnimateLCM-SVD-xt's 4-step consistency sampler, for its UNet); the options below override "
+                        "it (default: diffusers' defaults)")
     g.add_argument("--policy", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="numerics: auto = bfloat16 on GPU/TPU, float32 on CPU")
     g.add_argument("--height", type=int, help="frame height in pixels, a multiple of the model's factor (64 for "
@@ -63,6 +68,14 @@ def add_arguments(g: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    "changes the pixels slightly (default: the preset's, else all frames)")
     g.add_argument("--ignore-memory-estimate", action="store_true", help="run even when the size asked for needs "
                    "more memory than the machine has free (it is refused otherwise, with both figures)")
+    g.add_argument("--sampler", choices=list(SAMPLERS), help="euler is the original code's; heun and "
+                   "dpmpp_2s_ancestral evaluate the UNet twice per step; lcm is for consistency-distilled UNets "
+                   "(default: the preset's, else euler)")
+    g.add_argument("--schedule", choices=list(SCHEDULE_KINDS), help="the noise levels: karras (the original "
+                   "code's), ays (Align Your Steps for SVD, e.g. with 10 steps), exponential, polyexponential, "
+                   "animatelcm (default: the preset's, else karras)")
+    g.add_argument("--cache-interval", type=int, help="step caching: the whole UNet every N evaluations, its "
+                   "shallow branch in between (fewer FLOPs, approximate; default: 1, no caching)")
     g.add_argument("--seed", type=int, help="random seed; the same seed and settings give the same video "
                    "(default: a random one, printed and written to OUT.mp4.json)")
     return g

@@ -23,12 +23,13 @@ import PIL.Image
 from flax import nnx
 from jax.sharding import Mesh
 
-from svd_jax import preprocess, scheduler, sharding
+from svd_jax import preprocess, samplers, scheduler, sharding
 from svd_jax.components import recast
 from svd_jax.denoiser import Conditioning, Denoiser
 from svd_jax.loader import SVDModels
 from svd_jax.policy import Policy
 from svd_jax.progress import StepBar
+from svd_jax.step_cache import CachedDenoiser
 from svd_jax.settings import (DIFFUSERS_DEFAULTS, FPS_RANGE, MOTION_BUCKET_RANGE, OUTPUT_TYPES, PRESETS,
                               check_conditioning, check_size, positive_int, resolve_settings, seeds, size_multiple)
 from svd_jax.vae import decode_latents
@@ -173,13 +174,19 @@ class Pipeline:
     def sample(self, conditioning: Conditioning, *, num_frames: int | None = None,
                num_inference_steps: int | None = None, sigmas: Sequence[float] | None = None,
                seed: int | Sequence[int] | None = None, latents=None, callback_on_step_end: Callable | None = None,
-               progress: bool | str = True) -> jax.Array:
-        """The EDM Euler sampler from noise to the final latents ``[B, F, h, w, C]`` (scaled, float32).
+               progress: bool | str = True, sampler: str = "euler", schedule: str = "karras",
+               sampler_options: dict | None = None, cache_interval: int = 1) -> jax.Array:
+        """A sampler from noise to the final latents ``[B, F, h, w, C]`` (scaled, float32): EDM Euler on Karras
+        sigmas (the original code's) unless ``sampler`` (see :mod:`svd_jax.samplers`) with its keyword
+        ``sampler_options`` or ``schedule`` (:data:`svd_jax.scheduler.SCHEDULE_KINDS`) say otherwise; the noise
+        the stochastic samplers add is drawn per video from ``seed``. ``cache_interval`` N > 1 runs the whole
+        UNet every N evaluations and only its shallow branch in between (:mod:`svd_jax.step_cache`).
 
         ``latents`` (unit variance; scaled by the schedule here) replaces the noise drawn from ``seed``.
         ``callback_on_step_end(step, sigma, latents)`` runs after every step with an array it may keep; returning
         an array replaces the latents. ``progress``: a bar that advances as steps finish (``False``: none;
         ``"verbose"``: also each step's time)."""
+        samplers.check_sampler(sampler)
         guided, batch = conditioning.guided, conditioning.num_videos
         if num_frames is None:
             num_frames = (latents.shape[1] if latents is not None and np.ndim(latents) == 5
@@ -191,14 +198,21 @@ class Pipeline:
         if sigmas is None:
             num_inference_steps = self._settings(num_inference_steps=num_inference_steps)["num_inference_steps"]
             positive_int(num_inference_steps, "num_inference_steps")
-        sched = scheduler.schedule(num_steps=None if sigmas is not None else num_inference_steps, sigmas=sigmas)
+        sched = scheduler.schedule(num_steps=None if sigmas is not None else num_inference_steps, sigmas=sigmas,
+                                   kind=schedule)
+        chosen = seeds(seed, batch)
         latent_shape = (num_frames, *conditioning.image_latents.shape[1:3], self.models.unet.config.out_channels)
         if latents is not None:
             noise = _checked_array(latents, (batch, *latent_shape), "latents")
         else:
-            noise = _seeded_noise(seeds(seed, batch), latent_shape, 1)
-        denoiser = self.denoiser(conditioning)
+            noise = _seeded_noise(chosen, latent_shape, 1)
         x = sharding.place_rows(noise * jnp.float32(sched.init_noise_sigma), self.mesh)
+        if sampler != "euler" or sampler_options or cache_interval != 1:
+            denoiser = (self.denoiser(conditioning) if cache_interval == 1 else
+                        CachedDenoiser(*self._split(self.models.unet, "unet"), conditioning, cache_interval, self.mesh))
+            return self._sample_with(sampler, denoiser, x, sched.sigmas, chosen, sampler_options,
+                                     callback_on_step_end, progress)
+        denoiser = self.denoiser(conditioning)
         with StepBar(sched.num_steps, "denoising", enabled=bool(progress), verbose=progress == "verbose") as bar:
             for i in range(sched.num_steps):
                 x = denoiser.euler_step(x, sched.sigmas[i], sched.sigmas[i + 1], sched.timesteps[i])
@@ -211,6 +225,24 @@ class Pipeline:
                                                                    "latents returned by callback_on_step_end")
                     x = sharding.place_rows(jnp.array(x, copy=True), self.mesh)
         return x
+
+    def _sample_with(self, name: str, denoiser, x, sigmas, chosen_seeds, options, callback_on_step_end,
+                     progress: bool | str):
+        """:func:`svd_jax.samplers.sample` with the progress bar, the step callback and noise keys per video."""
+        with StepBar(len(sigmas) - 1, "denoising", enabled=bool(progress), verbose=progress == "verbose") as bar:
+
+            def after_step(i, sigma, x):
+                bar.step_done(x)
+                replaced = None if callback_on_step_end is None else callback_on_step_end(i, sigma, x)
+                if replaced is None:
+                    return None
+                replaced = _checked_array(replaced, x.shape, "latents returned by callback_on_step_end")
+                return sharding.place_rows(replaced, self.mesh)
+
+            options = dict(options or {})
+            # each video's own stream, apart from its augmentation and latent noise (parts 0 and 1 of its key)
+            options.setdefault("key", [jax.random.fold_in(jax.random.key(s), 2) for s in chosen_seeds])
+            return samplers.sample(name, denoiser, x, sigmas, callback=after_step, **options)
 
     def decode(self, latents, decode_chunk_size: int | None = None, output_type: str = "np"):
         """Frames ``[B, F, H, W, 3]`` from the sampler's latents, ``decode_chunk_size`` frames per VAE call
@@ -239,7 +271,8 @@ class Pipeline:
                  fps: int = 7, motion_bucket_id: int = 127, noise_aug_strength: float = 0.02,
                  decode_chunk_size: int | None = None, seed: int | Sequence[int] | None = None, latents=None,
                  noise=None, output_type: str = "np", callback_on_step_end: Callable | None = None,
-                 progress: bool | str = True):
+                 progress: bool | str = True, sampler: str = "euler", schedule: str = "karras",
+                 sampler_options: dict | None = None, cache_interval: int = 1):
         """:meth:`encode_conditioning`, :meth:`sample` and :meth:`decode` in turn; see :func:`generate`."""
         unet_config, vae_scale = self.models.unet.config, self.models.vae.config.downsample_factor
         size = self._settings(height=height, width=width, num_frames=num_frames,
@@ -264,7 +297,9 @@ class Pipeline:
                                         guidance=guidance, fps=fps, motion_bucket_id=motion_bucket_id,
                                         noise_aug_strength=noise_aug_strength, seed=chosen, noise=noise)
         x = self.sample(cond, num_frames=num_frames, num_inference_steps=num_inference_steps, sigmas=sigmas,
-                        seed=chosen, latents=latents, callback_on_step_end=callback_on_step_end, progress=progress)
+                        seed=chosen, latents=latents, callback_on_step_end=callback_on_step_end, progress=progress,
+                        sampler=sampler, schedule=schedule, sampler_options=sampler_options,
+                        cache_interval=cache_interval)
         if output_type == "latent":
             return x
         return self.decode(x, decode_chunk_size, output_type)
@@ -293,6 +328,10 @@ def generate(
     callback_on_step_end: Callable | None = None,
     progress: bool | str = True,
     mesh: Mesh | None = None,
+    sampler: str = "euler",
+    schedule: str = "karras",
+    sampler_options: dict | None = None,
+    cache_interval: int = 1,
 ):
     """Generate videos from images; names and defaults as diffusers' ``StableVideoDiffusionPipeline``.
 
@@ -307,7 +346,10 @@ def generate(
     uint8 (``"uint8"``), a list of B lists of F PIL images (``"pil"``, as diffusers), or the final scaled latents
     (``"latent"``). See :data:`PRESETS` for the original code's settings per model (``generate(image, model, **PRESETS["svd_xt"])``).
     ``mesh`` (see :mod:`svd_jax.sharding`) splits the videos and guidance halves across devices; results equal
-    one device's. A thin wrapper over a :class:`Pipeline` made for this call: keep a ``Pipeline`` instead for
+    one device's. ``sampler`` (``"euler"``, ``"heun"``, ``"euler_ancestral"``, ``"dpmpp_2s_ancestral"``,
+    ``"dpmpp_2m"``, ``"lms"``, ``"lcm"``) with ``sampler_options`` (k-diffusion's, e.g. ``s_churn``),
+    ``schedule`` (``"karras"``, ``"ays"``, ``"exponential"``, ``"polyexponential"``, ``"animatelcm"``) and
+    ``cache_interval`` (step caching): see :meth:`Pipeline.sample`. A thin wrapper over a :class:`Pipeline` made for this call: keep a ``Pipeline`` instead for
     repeated calls with a mesh or half-precision weights, so what it prepares is reused.
     """
     return Pipeline(model, mesh)(
@@ -315,4 +357,5 @@ def generate(
         sigmas=sigmas, min_guidance_scale=min_guidance_scale, max_guidance_scale=max_guidance_scale,
         guidance=guidance, fps=fps, motion_bucket_id=motion_bucket_id, noise_aug_strength=noise_aug_strength,
         decode_chunk_size=decode_chunk_size, seed=seed, latents=latents, noise=noise, output_type=output_type,
-        callback_on_step_end=callback_on_step_end, progress=progress)
+        callback_on_step_end=callback_on_step_end, progress=progress, sampler=sampler, schedule=schedule,
+        sampler_options=sampler_options, cache_interval=cache_interval)

@@ -32,14 +32,19 @@ StepCallback = Callable[[int, float, jax.Array], "jax.Array | None"]
 
 
 class KeyNoiseSampler:
-    """The default ``noise_sampler``: standard normal noise of one shape, a fresh draw from ``key`` per call."""
+    """The default ``noise_sampler``: standard normal noise of one shape, a fresh draw per call, from ``key`` (a JAX
+    key) or from one key per batch row (a list: row ``b`` from ``key[b]``, so a video's noise does not depend on
+    the batch it is sampled in)."""
 
-    def __init__(self, key: jax.Array, shape, dtype=jnp.float32):
+    def __init__(self, key, shape, dtype=jnp.float32):
         self._key, self._shape, self._dtype = key, tuple(shape), dtype
         self._calls = 0
 
     def __call__(self, sigma, sigma_next) -> jax.Array:
         self._calls += 1
+        if isinstance(self._key, (list, tuple)):
+            return jnp.stack([jax.random.normal(jax.random.fold_in(k, self._calls), self._shape[1:], self._dtype)
+                              for k in self._key])
         return jax.random.normal(jax.random.fold_in(self._key, self._calls), self._shape, self._dtype)
 
 

@@ -19,6 +19,11 @@ PRESETS = {
                    motion_bucket_id=127, noise_aug_strength=0.02, decode_chunk_size=14),
     "svd_xt_1_1": dict(num_frames=25, num_inference_steps=30, min_guidance_scale=1.5, max_guidance_scale=3.0, fps=7,
                        motion_bucket_id=127, noise_aug_strength=0.02, decode_chunk_size=7),
+    # AnimateLCM-SVD-xt (a consistency-distilled SVD-XT UNet; convert with --unet): its authors' demo settings,
+    # with their sampler and schedule
+    "animatelcm": dict(num_frames=25, num_inference_steps=4, min_guidance_scale=1.0, max_guidance_scale=1.2, fps=7,
+                       motion_bucket_id=80, noise_aug_strength=0.02, decode_chunk_size=4, sampler="lcm",
+                       schedule="animatelcm"),
 }
 # Conditioning values the released models were trained on; outside them generation runs but is unreliable.
 MOTION_BUCKET_RANGE = (0, 255)

@@ -3,15 +3,17 @@ the rest from the base model) and its few-step consistency sampler as a preset."
 
 import json
 
-import jax
+import jax.numpy as jnp
 import numpy as np
+import PIL.Image
 import pytest
+import torch
 from safetensors.torch import save_file
 
 import svd_jax
+from animatelcm_reference import AnimateLCMReferenceScheduler
 from parity import convert_inprocess, max_rel_err, write_config_dir
 from tiny_svd import tiny_pipeline
-from unet_helpers import jitted_call, to_jax_inputs, torch_unet_output, unet_inputs
 
 
 @pytest.fixture(scope="module")
@@ -31,15 +33,14 @@ def animatelcm(tmp_path_factory):
 
 
 def test_converter_takes_the_replacement_unet(animatelcm):
-    root, pipe = animatelcm
+    """The converted folder holds the base's VAE and image encoder and the file's UNet (its weights are held to
+    diffusers' UNet by the next test, which runs the distilled torch UNet)."""
+    root, _ = animatelcm
     manifest = json.loads((root / "converted" / "manifest.json").read_text())
     assert manifest["source"]["unet_path"].endswith("AnimateLCM-tiny.safetensors")
     assert {f["name"] for f in manifest["source"]["files"]} >= {"AnimateLCM-tiny.safetensors"}
     assert set(manifest["components"]) == {"image_encoder", "unet", "vae"}
-    models = svd_jax.load(root / "converted", policy=svd_jax.Policy.float32())
-    inputs = unet_inputs(1, 3, 4, 4, 32, context_tokens=1)
-    run, _ = jitted_call(models.unet)
-    assert max_rel_err(run(*to_jax_inputs(*inputs)), torch_unet_output(pipe.unet, *inputs)) <= 1e-4
+    assert manifest["components"]["unet"]["layout"] == "diffusers"
 
 
 def test_unet_flag_needs_a_unet(animatelcm, capsys):
@@ -48,3 +49,40 @@ def test_unet_flag_needs_a_unet(animatelcm, capsys):
     root, _ = animatelcm
     assert main([str(root / "base"), str(root / "bad"), "--unet", str(root / "base" / "vae")]) == 2
     assert "--unet" in capsys.readouterr().err and not (root / "bad").exists()
+
+
+def test_preset_matches_the_reference_sampler_in_diffusers_pipeline(animatelcm):
+    """diffusers' StableVideoDiffusionPipeline driving the reference AnimateLCM scheduler (the authors' set-up)
+    against svd_jax.generate with the animatelcm preset: same images, injected latents, augmentation and step noise."""
+    root, pipe = animatelcm
+    models = svd_jax.load(root / "converted", policy=svd_jax.Policy.float32())
+    preset = dict(svd_jax.PRESETS["animatelcm"], num_frames=3, height=32, width=48)
+    f, h, w, steps = preset["num_frames"], preset["height"], preset["width"], preset["num_inference_steps"]
+    image = PIL.Image.fromarray(np.random.default_rng(3).integers(0, 256, (40, 50, 3), dtype=np.uint8))
+    latents = torch.randn(1, f, 4, h // 2, w // 2, generator=torch.Generator().manual_seed(1))
+    aug_noise = torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(2))
+    step_noise = torch.randn(steps, 1, f, 4, h // 2, w // 2, generator=torch.Generator().manual_seed(3))
+    pipe.scheduler = AnimateLCMReferenceScheduler(noises=list(step_noise))
+    diffusers_args = {k: v for k, v in preset.items() if k not in ("sampler", "schedule", "decode_chunk_size")}
+    with torch.no_grad():
+        expected = pipe(image, generator=torch.Generator().manual_seed(2), latents=latents, output_type="latent",
+                        **diffusers_args).frames.permute(0, 1, 3, 4, 2).numpy()
+    draws = iter(step_noise.permute(0, 1, 2, 4, 5, 3).numpy())
+    actual = svd_jax.generate(image, models, latents=latents.permute(0, 1, 3, 4, 2).numpy(),
+                              noise=aug_noise.permute(0, 2, 3, 1).numpy(), output_type="latent", progress=False,
+                              sampler_options=dict(noise_sampler=lambda sigma, sigma_next: jnp.asarray(next(draws))),
+                              **preset)
+    assert max_rel_err(actual, expected) <= 1e-5
+
+
+def test_cli_runs_the_tiny_model_with_the_animatelcm_preset(tmp_path, capsys):
+    from svd_jax.cli import main
+
+    image = tmp_path / "image.png"
+    PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(image)
+    out = tmp_path / "video.gif"
+    assert main(["generate", str(image), "-o", str(out), "--model", "tiny", "--preset", "animatelcm",
+                 "--num-frames", "2", "--height", "32", "--width", "32", "--seed", "0"]) == 0
+    assert out.is_file()
+    settings = json.loads(out.with_name(out.name + ".json").read_text())
+    assert (settings["sampler"], settings["schedule"], settings["num_inference_steps"]) == ("lcm", "animatelcm", 4)
