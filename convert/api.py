@@ -6,11 +6,6 @@ run leaves nothing at ``dst``; an existing ``dst`` is kept unless ``force``.
 
 from __future__ import annotations
 
-import json
-import os
-import re
-import shutil
-import socket
 from collections import Counter
 from pathlib import Path
 
@@ -18,15 +13,10 @@ import numpy as np
 
 from convert import layouts, rules
 from convert.errors import ConversionError
-from svd_jax import checkpoint
 from svd_jax.components import abstract_model
 from svd_jax.errors import os_error_line
-from svd_jax.loader import FORMAT_VERSION as CONVERTER_VERSION
-from svd_jax.loader import component_sha256
-
-MANIFEST = "manifest.json"
-CONFIG = "config.json"
-
+from svd_jax.store import FORMAT_VERSION as CONVERTER_VERSION  # noqa: F401 (convert.CONVERTER_VERSION)
+from svd_jax.store import atomic_dir, new_manifest, scratch_path, write_component, write_manifest
 
 # Source dtypes a weight may have; integer or boolean weights are refused rather than cast (a model whose weights
 # were stored as integers is not the model it claims to be).
@@ -54,18 +44,8 @@ def _prepare(sources: list[layouts.ComponentSource]) -> list[tuple[layouts.Compo
 
 def _write_component(folder: Path, source: layouts.ComponentSource, expected: dict) -> dict:
     """Each tensor is read, transformed and written in turn: the component is never in memory as a whole."""
-    folder.mkdir()
     params = rules.deferred(expected, lambda key: source.tensors[key].dtype, lambda key: _finite(source.tensors[key]))
-    checkpoint.save_params(folder, params)
-    source.config.save(folder / CONFIG)
-    return {
-        "layout": source.layout,
-        "config": source.config.to_dict(),
-        "num_params": int(sum(a.size for a in params.values())),
-        "dtypes": dict(Counter(np.dtype(a.dtype).name for a in params.values())),
-        "ignored_source_keys": source.ignored,
-        "sha256": component_sha256(folder),
-    }
+    return write_component(folder, source.config, params, source.layout, source.ignored)
 
 
 def _finite(ref: layouts.TensorRef) -> np.ndarray:
@@ -95,53 +75,6 @@ def check_separate(src: Path, dst: Path) -> None:
 def written_error(error: OSError, tmp: Path, dst: Path) -> ConversionError:
     """An I/O failure while writing ``tmp`` as one line naming the file under its final name ``dst``."""
     return ConversionError(os_error_line(error).replace(str(tmp), str(dst)))
-
-
-# A folder being written, or an old one being replaced, is a hidden sibling named after the host and process
-# that writes it, so any later run can tell a dead process's leftover (kill -9, power loss) from a live one's.
-_SCRATCH = re.compile(r"^\..+\.(?:partial|old)-(?:(?P<host>.+)-)?(?P<pid>\d+)$")
-
-
-def scratch_path(dst: Path, role: str = "partial") -> Path:
-    """The hidden sibling of ``dst`` this process writes (``role`` "partial") or moves an old ``dst`` to ("old")."""
-    return dst.parent / f".{dst.name}.{role}-{socket.gethostname()}-{os.getpid()}"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
-
-
-def remove_stale_scratch(folder: Path) -> list[Path]:
-    """Remove the hidden partial and old folders in ``folder`` whose writing process (on this host) is gone."""
-    removed = []
-    for entry in Path(folder).iterdir() if Path(folder).is_dir() else []:
-        match = _SCRATCH.match(entry.name)
-        if not match or (match["host"] or socket.gethostname()) != socket.gethostname() or _alive(int(match["pid"])):
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
-        removed.append(entry)
-    return removed
-
-
-def replace_destination(tmp: Path, dst: Path, force: bool) -> None:
-    if dst.exists():
-        if not force:
-            raise ConversionError(f"{dst} already exists (pass --force to replace it)")
-        old = scratch_path(dst, "old")
-        dst.rename(old)
-        tmp.rename(dst)
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
-    else:
-        tmp.rename(dst)
 
 
 def _relative(path: Path, src: Path) -> str:
@@ -181,30 +114,18 @@ def convert(src, dst, config_dir=None, force: bool = False, hash_sources: bool =
     files = {f.path: f for source, _ in planned for f in source.files}
     used_by = {path: [source.component for source, _ in planned if any(f.path == path for f in source.files)]
                for path in files}
-    manifest = {
-        "format": "svd_jax",
-        "converter_version": CONVERTER_VERSION,
-        "source": {
+    manifest = new_manifest({
             "path": str(src),
             **({"unet_path": str(unet)} if unet is not None else {}),
             "files": [{"name": path.name, "path": _relative(path, src), "components": used_by[path],
                        "bytes": path.stat().st_size, "sha256": f.sha256() if hash_sources else None}
                       for path, f in files.items()],
-        },
-        "components": {},
-    }
-    remove_stale_scratch(dst.parent)
-    tmp = scratch_path(dst)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    })
     try:
-        for source, expected in planned:
-            manifest["components"][source.component] = _write_component(tmp / source.component, source, expected)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        replace_destination(tmp, dst, force)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):
-            raise written_error(e, tmp, dst) from None
-        raise
+        with atomic_dir(dst, replace=force) as tmp:
+            for source, expected in planned:
+                manifest["components"][source.component] = _write_component(tmp / source.component, source, expected)
+            write_manifest(tmp, manifest)
+    except OSError as e:
+        raise written_error(e, scratch_path(dst), dst) from None
     return manifest

@@ -30,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import shutil
 import struct
 from collections import Counter
 from pathlib import Path
@@ -40,14 +39,14 @@ import ml_dtypes
 import numpy as np
 
 from convert import rules
-from convert.api import (CONFIG, MANIFEST, check_separate, remove_stale_scratch, replace_destination, scratch_path,
-                         written_error)
+from convert.api import check_separate, written_error
 from convert.errors import ConversionError
 from convert.layouts import config_from_upstream
 from svd_jax.checkpoint import PARAMS_DIR, load_params, stored_params
 from svd_jax.components import COMPONENT_CONFIGS, abstract_model
-from svd_jax.configs import CLIPVisionConfig, UNetConfig, VAEConfig, config_from_dict
+from svd_jax.configs import CLIPVisionConfig, UNetConfig, VAEConfig
 from svd_jax.lora import merged_kernel, read_adapters
+from svd_jax.store import CONFIG, MANIFEST, atomic_dir, read_config, read_manifest, scratch_path
 
 # The first diffusers release with the SVD classes; recorded as the version the configs are written for.
 DIFFUSERS_VERSION = "0.24.0"
@@ -317,21 +316,18 @@ def _read_source(src: Path) -> dict:
             if (src / "model_index.json").is_file() else ""
         raise ConversionError(f"{src}: not a converted svd_jax folder (no {MANIFEST}){hint}")
     try:
-        listed = json.loads((src / MANIFEST).read_text()).get("components", {})
-    except (OSError, json.JSONDecodeError, AttributeError) as e:
-        raise ConversionError(f"{src / MANIFEST}: not a readable manifest ({e})") from None
+        listed = read_manifest(src)["components"]
+    except (OSError, ValueError) as e:
+        raise ConversionError(str(e)) from None
     components = [c for c in COMPONENT_CONFIGS if c in listed]
     if not components:
         raise ConversionError(f"{src / MANIFEST}: lists no component ({', '.join(COMPONENT_CONFIGS)})")
     configs = {}
     for component in components:
-        path = src / component / CONFIG
         try:
-            configs[component] = config_from_dict(json.loads(path.read_text()))
-        except (OSError, json.JSONDecodeError, ValueError, TypeError) as e:
-            raise ConversionError(f"{path}: not a readable {component} config ({e})") from None
-        if not isinstance(configs[component], COMPONENT_CONFIGS[component]):
-            raise ConversionError(f"{path}: holds a {type(configs[component]).__name__}, not a {component} config")
+            configs[component] = read_config(src / component, component)
+        except (OSError, ValueError) as e:
+            raise ConversionError(str(e)) from None
         if not (src / component / PARAMS_DIR).is_dir():
             raise ConversionError(f"{src / component}: missing its {PARAMS_DIR} checkpoint")
     return configs
@@ -363,25 +359,18 @@ def export(src, out, dtype: str | None = None, force: bool = False, accept_diffu
         except (OSError, ValueError) as e:
             raise ConversionError(str(e)) from None
         updates = _lora_updates(adapters, lora_scale, next(p for p in plans if p.component == "unet"))
-    remove_stale_scratch(out.parent)
-    tmp = scratch_path(out)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     try:
-        summary = {plan.component: _write_component(plan, src / plan.component, tmp / plan.component, cast,
-                                                    updates if plan.component == "unet" else None)
-                   for plan in plans}
-        if pipeline:
-            _write_json(tmp / "model_index.json", model_index(configs["vae"]))
-            _write_json(tmp / "scheduler" / "scheduler_config.json", SVD_SCHEDULER_CONFIG)
-            _write_json(tmp / "feature_extractor" / "preprocessor_config.json",
-                        feature_extractor_config(configs["image_encoder"]))
-        replace_destination(tmp, out, force)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):
-            raise written_error(e, tmp, out) from None
-        raise
+        with atomic_dir(out, replace=force) as tmp:
+            summary = {plan.component: _write_component(plan, src / plan.component, tmp / plan.component, cast,
+                                                        updates if plan.component == "unet" else None)
+                       for plan in plans}
+            if pipeline:
+                _write_json(tmp / "model_index.json", model_index(configs["vae"]))
+                _write_json(tmp / "scheduler" / "scheduler_config.json", SVD_SCHEDULER_CONFIG)
+                _write_json(tmp / "feature_extractor" / "preprocessor_config.json",
+                            feature_extractor_config(configs["image_encoder"]))
+    except OSError as e:
+        raise written_error(e, scratch_path(out), out) from None
     return {"components": summary, "pipeline": pipeline}
 
 

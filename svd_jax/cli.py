@@ -83,7 +83,7 @@ def _add_info(commands) -> None:
 
 
 def _clean(args: argparse.Namespace) -> int:
-    from convert.api import remove_stale_scratch
+    from svd_jax.store import remove_stale_scratch
     from svd_jax.loader import cache_dir
 
     folders = [Path(f) for f in args.folders] or [Path.cwd(), cache_dir() / "converted"]

@@ -24,11 +24,9 @@ from svd_jax.components import COMPONENT_CONFIGS, abstract_model
 from svd_jax.configs import CLIPVisionConfig, UNetConfig, VAEConfig, config_from_dict
 from svd_jax.errors import stage
 from svd_jax.policy import Policy
+from svd_jax.store import (FORMAT_VERSION, MANIFEST, READABLE_VERSIONS, component_sha256, hash_file,  # noqa: F401
+                           read_config, read_manifest, verify_component)
 
-MANIFEST = "manifest.json"
-# Versions of the converted-folder format this code reads: "1" without checksums, "2" with one per component.
-FORMAT_VERSION = "2"
-READABLE_VERSIONS = ("1", "2")
 TINY = "tiny"
 # What is fetched from a diffusers repo on the Hub: configs and the weights of the three components.
 HUB_COMPONENT_FILES = {
@@ -63,83 +61,6 @@ class SVDModels:
         missing = [c for c in components if getattr(self, c) is None]
         if missing:
             raise ValueError(f"{self.path} has no {', '.join(missing)} (convert a source that contains it)")
-
-
-def read_manifest(path: Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: no such folder")
-    if not (path / MANIFEST).is_file():
-        raise ValueError(f"{path} is not a converted svd_jax folder (no {MANIFEST}); "
-                         "convert a checkpoint first: python -m convert SRC DST")
-    manifest = _read_json(path / MANIFEST, "manifest")
-    components = manifest.get("components")
-    if manifest.get("format") != "svd_jax" or not isinstance(components, dict) or not all(
-            isinstance(info, dict) for info in components.values()):
-        raise ValueError(f"{path / MANIFEST}: not an svd_jax manifest (its format and components)")
-    version = manifest.get("converter_version")
-    if version not in READABLE_VERSIONS and version is not None:  # None: fine-tuned from random models
-        raise ValueError(f"{path / MANIFEST}: written by converter version {version!r}, this svd_jax reads "
-                         f"{', '.join(READABLE_VERSIONS)} (upgrade svd_jax, or convert the source again)")
-    return manifest
-
-
-def component_sha256(folder: Path) -> str:
-    """The checksum of a stored component: every file under ``folder`` (its config and checkpoint), by relative
-    path, size and contents, so a flipped byte, a truncated, missing or added file, or an edited config changes
-    it."""
-    folder = Path(folder)
-    digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        digest.update(f"{path.relative_to(folder).as_posix()}:{path.stat().st_size}\n".encode())
-        hash_file(path, digest)
-    return digest.hexdigest()
-
-
-def hash_file(path: Path, digest=None):
-    """``digest`` (a new sha256 by default) updated with the file's contents, read 16 MB at a time."""
-    digest = digest or hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-    return digest
-
-
-def verify_component(path: Path, manifest: dict[str, Any], component: str) -> None:
-    """Raise one ``ValueError`` line if the component's files differ from the checksum its manifest recorded."""
-    recorded = manifest["components"][component].get("sha256")
-    if recorded is None:
-        if manifest.get("converter_version") in (None, "1"):
-            return  # written before checksums were recorded
-        raise ValueError(f"{path / MANIFEST}: records no checksum for {component}")
-    if component_sha256(path / component) != recorded:
-        raise ValueError(f"{path / component}: its files differ from the checksum recorded when it was written "
-                         "(corrupted or edited); convert the source again, or pass verify=False to load anyway")
-
-
-def _read_json(path: Path, what: str) -> dict[str, Any]:
-    """A JSON object from a converted folder, or one ``ValueError`` line naming the file."""
-    try:
-        data = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise ValueError(f"{path}: not a readable {what} ({type(e).__name__})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: not a readable {what} (not a JSON object)")
-    return data
-
-
-def read_config(folder: Path, component: str):
-    """The config of ``folder/config.json``, which must be the ``component``'s kind."""
-    path = Path(folder) / "config.json"
-    try:
-        config = config_from_dict(_read_json(path, f"{component} config"))
-    except TypeError as e:  # e.g. an unhashable kind
-        raise ValueError(f"{path}: {e}") from None
-    except ValueError as e:
-        raise ValueError(str(e) if str(path) in str(e) else f"{path}: {e}") from None
-    if not isinstance(config, COMPONENT_CONFIGS[component]):
-        raise ValueError(f"{path}: holds a {config.kind} config, not the {component}'s")
-    return config
 
 
 def cache_dir() -> Path:

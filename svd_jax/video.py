@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from svd_jax.errors import os_error_line
+from svd_jax.store import atomic_dir, scratch_path
 
 __all__ = ["FILE_FORMATS", "check_destination", "discard_partial", "frames_to_uint8", "save_video", "write_settings"]
 
@@ -132,7 +133,9 @@ def discard_partial(path) -> None:
     """Remove what an interrupted write of ``path`` (a video or its settings file) left behind: the temporary
     siblings that are renamed into place only when complete. The destination itself is never touched."""
     final, _ = _destination(path)
-    for leftover in final.parent.glob(f".{glob.escape(final.name)}.*.partial*"):
+    folder = scratch_path(final)  # a folder of frames being written by this process (see svd_jax.store)
+    leftovers = [folder] if folder.is_dir() else []
+    for leftover in leftovers + list(final.parent.glob(f".{glob.escape(final.name)}.*.partial*")):
         shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
 
 
@@ -180,24 +183,19 @@ def save_video(frames, path: str | os.PathLike, fps: float = 7) -> Path:
         raise ValueError(f"fps must be positive and finite, got {fps!r}")
     final, kind = check_destination(path)
     video = frames_to_uint8(frames)
-    parent = final.parent
-    suffix = "" if kind == "folder" else kind
-    temporary = _temporary(final, suffix)
+    temporary = scratch_path(final) if kind == "folder" else _temporary(final, kind)
     try:
-        if kind == "folder":
-            temporary.mkdir()
-            _write_png_folder(video, temporary)
-            if final.is_dir():
-                final.rmdir()  # empty, checked above
-        elif kind == ".mp4":
-            _write_mp4(video, temporary, float(fps))
+        if kind == "folder":  # an existing (empty, checked above) folder is replaced once the frames are written
+            with atomic_dir(final) as folder:
+                _write_png_folder(video, folder)
         else:
-            _write_animated(video, temporary, float(fps), "GIF" if kind == ".gif" else "WEBP")
-        os.replace(temporary, final)
+            if kind == ".mp4":
+                _write_mp4(video, temporary, float(fps))
+            else:
+                _write_animated(video, temporary, float(fps), "GIF" if kind == ".gif" else "WEBP")
+            os.replace(temporary, final)
     except BaseException as e:
-        if temporary.is_dir():
-            shutil.rmtree(temporary, ignore_errors=True)
-        else:
+        if kind != "folder":
             temporary.unlink(missing_ok=True)
         if isinstance(e, (OSError, RuntimeError)):  # one line naming the file asked for, not the temporary one
             line = os_error_line(e) if isinstance(e, OSError) else str(e)

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import functools
 import json
-import shutil
 from pathlib import Path
 
 import jax
 import numpy as np
 from flax import nnx
 
+from svd_jax.store import atomic_dir
 from svd_jax.train.conditioning import ClipFeatures, encode_frames
 from svd_jax.train.data import VideoClips, fit_frame, to_minus1_1
 
@@ -41,27 +41,23 @@ def _fingerprint(clips: VideoClips, model_id: str) -> dict:
 def _encode_video(entry, clips: VideoClips, encoders, folder: Path, chunk: int) -> None:
     (vae_graph, vae_state), (enc_graph, enc_state) = encoders
     c = clips.config
-    tmp = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    outputs = None
-    frames = (fit_frame(im, c.height, c.width) for im in entry.frames())
-    for start in range(0, entry.num_frames, chunk):
-        block = [f for _, f in zip(range(chunk), frames)]
-        n = len(block)
-        padded = np.concatenate([np.stack(block), np.zeros((chunk - n, *block[0].shape), np.uint8)])
-        results = jax.device_get(_encode(vae_graph, vae_state, enc_graph, enc_state, to_minus1_1(padded)))
-        if outputs is None:
-            outputs = {name: np.lib.format.open_memmap(tmp / f"{name}.npy", "w+", np.float32,
-                                                       (entry.num_frames, *r.shape[1:]))
-                       for name, r in zip(ARRAYS, results)}
-        for name, r in zip(ARRAYS, results):
-            outputs[name][start:start + n] = r[:n]
-    for array in outputs.values():
-        array.flush()
-    del outputs
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
+    with atomic_dir(folder, parents=True) as tmp:
+        outputs = None
+        frames = (fit_frame(im, c.height, c.width) for im in entry.frames())
+        for start in range(0, entry.num_frames, chunk):
+            block = [f for _, f in zip(range(chunk), frames)]
+            n = len(block)
+            padded = np.concatenate([np.stack(block), np.zeros((chunk - n, *block[0].shape), np.uint8)])
+            results = jax.device_get(_encode(vae_graph, vae_state, enc_graph, enc_state, to_minus1_1(padded)))
+            if outputs is None:
+                outputs = {name: np.lib.format.open_memmap(tmp / f"{name}.npy", "w+", np.float32,
+                                                           (entry.num_frames, *r.shape[1:]))
+                           for name, r in zip(ARRAYS, results)}
+            for name, r in zip(ARRAYS, results):
+                outputs[name][start:start + n] = r[:n]
+        for array in outputs.values():
+            array.flush()
+        del outputs
 
 
 def build_cache(clips: VideoClips, vae, image_encoder, cache_dir, model_id: str, chunk: int = 8,

@@ -10,10 +10,6 @@ the optimizer state are all restored.
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +18,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from svd_jax.checkpoint import path_key, save_params
-from svd_jax.loader import MANIFEST, component_sha256
+from svd_jax.checkpoint import path_key
+from svd_jax.store import atomic_dir, new_manifest, write_component, write_manifest
 
 
 class Checkpoints:
@@ -86,31 +82,14 @@ def save_models(destination, components: dict[str, Any], note: dict[str, Any] | 
     """Write modules (``{"unet": ..., "vae": ..., "image_encoder": ...}``) as a converted folder that
     :func:`svd_jax.load` reads: per component ``config.json`` and an orbax ``params`` checkpoint in the modules'
     parameter dtypes, plus ``manifest.json`` (``note`` and the base model's source recorded under ``source``).
-    Written to a sibling folder and renamed at the end."""
+    Written with :func:`svd_jax.store.atomic_dir`: an existing folder is replaced only by a complete new one."""
     destination = Path(destination).absolute()
-    tmp = destination.with_name(f".{destination.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     base_manifest = base_manifest or {}
-    manifest = {"format": "svd_jax", "converter_version": base_manifest.get("converter_version"),
-                "source": {"fine_tuned": note or {}, "base": base_manifest.get("source")}, "components": {}}
-    try:
+    manifest = new_manifest({"fine_tuned": note or {}, "base": base_manifest.get("source")},
+                            base_manifest.get("converter_version"))
+    with atomic_dir(destination, parents=True) as folder:
         for name, module in components.items():
-            arrays = _component_arrays(module)
-            folder = tmp / name
-            folder.mkdir()
-            save_params(folder, arrays)
-            module.config.save(folder / "config.json")
-            manifest["components"][name] = {
-                "layout": "fine-tuned", "config": module.config.to_dict(),
-                "num_params": int(sum(a.size for a in arrays.values())),
-                "dtypes": dict(Counter(a.dtype.name for a in arrays.values())), "ignored_source_keys": [],
-                "sha256": component_sha256(folder)}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        if destination.exists():
-            shutil.rmtree(destination)
-        tmp.rename(destination)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            manifest["components"][name] = write_component(folder / name, module.config, _component_arrays(module),
+                                                           "fine-tuned")
+        write_manifest(folder, manifest)
     return destination
