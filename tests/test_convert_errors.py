@@ -118,12 +118,12 @@ def test_existing_destination_needs_force(tmp_path, clip_folder):
 def test_failure_while_writing_leaves_nothing(tmp_path, capsys, clip_folder, monkeypatch):
     import errno
 
-    from convert import api
+    from svd_jax import checkpoint
 
     def explode(folder, params):
         raise OSError(errno.EROFS, "Read-only file system", str(folder / "params"))
 
-    monkeypatch.setattr(api.checkpoint, "save_params", explode)
+    monkeypatch.setattr(checkpoint, "save_params", explode)
     code, err = run_main(capsys, clip_folder, tmp_path / "dst")
     assert_clean_failure(code, err, tmp_path / "dst", f"{tmp_path / 'dst' / 'image_encoder' / 'params'}: Read-only")
     assert list(tmp_path.iterdir()) == []

@@ -160,7 +160,7 @@ def _copy_with_config(root, folder, component, change):
     config = json.loads((folder / component / "config.json").read_text())
     config_class = {"unet": UNetConfig, "image_encoder": CLIPVisionConfig}[component]
     change(config_class.from_dict(config)).save(folder / component / "config.json")
-    (folder / "manifest.json").write_text(json.dumps({"components": {component: {}}}))
+    (folder / "manifest.json").write_text(json.dumps({"format": "svd_jax", "components": {component: {}}}))
     return folder
 
 
