@@ -14,6 +14,7 @@ import os
 import secrets
 import sys
 import threading
+import warnings
 
 from svd_jax.samplers import SAMPLERS
 from svd_jax.scheduler import SCHEDULE_KINDS
@@ -98,6 +99,7 @@ def _prepare(args: argparse.Namespace):
     from svd_jax import pipeline, video
     from svd_jax.loader import TINY, TINY_SETTINGS, model_configs, resolve
     from svd_jax.preprocess import load_image
+    from svd_jax.settings import check_conditioning
 
     video.check_destination(args.output)
     image = load_image(args.image)
@@ -110,6 +112,10 @@ def _prepare(args: argparse.Namespace):
     options.update(pipeline.resolve_settings(TINY_SETTINGS if source == TINY else {}, configs["unet"],
                                              **{k: options.get(k) for k in pipeline.DIFFUSERS_DEFAULTS}))
     pipeline.check_size(options["height"], options["width"], configs["unet"], configs["vae"])
+    with warnings.catch_warnings():  # only the errors here; generate warns about untrained values itself
+        warnings.simplefilter("ignore")
+        check_conditioning(options.get("fps", 7), options.get("motion_bucket_id", 127),
+                           options.get("noise_aug_strength", 0.02))
     _check_memory(configs, options, _policy(args.policy), source == TINY, args.ignore_memory_estimate)
     return source, image, options
 

@@ -26,22 +26,24 @@ from jax.sharding import Mesh
 from svd_jax import preprocess, samplers, scheduler, sharding
 from svd_jax.components import recast
 from svd_jax.denoiser import Conditioning, Denoiser
+from svd_jax.errors import check_finite, stage
 from svd_jax.loader import SVDModels
 from svd_jax.policy import Policy
 from svd_jax.progress import StepBar
 from svd_jax.step_cache import CachedDenoiser
 from svd_jax.settings import (DIFFUSERS_DEFAULTS, FPS_RANGE, MOTION_BUCKET_RANGE, OUTPUT_TYPES, PRESETS,
-                              check_conditioning, check_size, positive_int, resolve_settings, seeds, size_multiple)
+                              check_conditioning, check_size, positive_int, resolve_settings, seed_key, seeds,
+                              size_multiple)
 from svd_jax.vae import decode_latents
 
-__all__ = ["Pipeline", "generate", "Conditioning", "PRESETS", "DIFFUSERS_DEFAULTS", "FPS_RANGE",
-           "MOTION_BUCKET_RANGE", "OUTPUT_TYPES", "check_size", "resolve_settings", "size_multiple"]
+__all__ = ["Pipeline", "generate", "check_each_step", "Conditioning", "PRESETS", "DIFFUSERS_DEFAULTS",
+           "FPS_RANGE", "MOTION_BUCKET_RANGE", "OUTPUT_TYPES", "check_size", "resolve_settings", "size_multiple"]
 
 
 def _seeded_noise(seeds: list[int], shape, part: int) -> jax.Array:
     """Per video, from its own seed's key split in two: part 0 is the augmentation noise [H, W, 3], part 1 the
     initial latent noise [F, h, w, C]."""
-    return jnp.stack([jax.random.normal(jax.random.split(jax.random.key(s))[part], shape, jnp.float32)
+    return jnp.stack([jax.random.normal(jax.random.split(seed_key(s))[part], shape, jnp.float32)
                       for s in seeds])
 
 
@@ -53,7 +55,17 @@ def _checked_array(value, shape, name: str) -> jax.Array:
 
 
 def _images(image) -> list:
-    return [preprocess.load_image(im) for im in (image if isinstance(image, (list, tuple)) else [image])]
+    images = image if isinstance(image, (list, tuple)) else [image]
+    if not images:
+        raise ValueError("image must be an image or a non-empty list of images, got an empty list")
+    return [preprocess.load_image(im) for im in images]
+
+
+def check_each_step(step: int, sigma: float, latents) -> None:
+    """A ``callback_on_step_end`` that stops sampling at the first step whose latents hold NaN or infinity
+    (:class:`svd_jax.errors.NonFiniteError`), at the cost of one device-to-host flag per step. Without it, the
+    final latents and the decoded frames are checked once."""
+    check_finite(latents, f"the latents after step {step + 1}")
 
 
 # One program per input size, kept by the persistent cache, instead of a handful of eager operations that a new
@@ -151,11 +163,13 @@ class Pipeline:
         else:
             aug_noise = _seeded_noise(seeds(seed, batch), (height, width, 3), 0)
         clip_size = models.image_encoder.config.image_size
-        clip_pixels = jnp.concatenate([_clip_preprocess(preprocess.clip_input(im), size=clip_size) for im in images])
-        embeds = _encode_image(*self._split(models.image_encoder, "image_encoder"), clip_pixels)[:, None, :]
-        pixels = jnp.stack([preprocess.prepare_image(im, height, width) for im in images])
-        image_latents = _encode_latents(*self._split(self._encoding_vae(), "vae_encoder"),
-                                        pixels + noise_aug_strength * aug_noise)
+        with stage("encoding the conditioning image", "height and width, or the number of images"):
+            clip_pixels = jnp.concatenate([_clip_preprocess(preprocess.clip_input(im), size=clip_size)
+                                           for im in images])
+            embeds = _encode_image(*self._split(models.image_encoder, "image_encoder"), clip_pixels)[:, None, :]
+            pixels = jnp.stack([preprocess.prepare_image(im, height, width) for im in images])
+            image_latents = _encode_latents(*self._split(self._encoding_vae(), "vae_encoder"),
+                                            pixels + noise_aug_strength * aug_noise)
         time_ids = jnp.tile(jnp.asarray([[fps - 1, motion_bucket_id, noise_aug_strength]], jnp.float32), (batch, 1))
         guided = max_guidance_scale > 1.0
         if guided:
@@ -210,10 +224,14 @@ class Pipeline:
         if sampler != "euler" or sampler_options or cache_interval != 1:
             denoiser = (self.denoiser(conditioning) if cache_interval == 1 else
                         CachedDenoiser(*self._split(self.models.unet, "unet"), conditioning, cache_interval, self.mesh))
-            return self._sample_with(sampler, denoiser, x, sched.sigmas, chosen, sampler_options,
-                                     callback_on_step_end, progress)
+            with stage("sampling", "num_frames, height and width, or the number of images"):
+                x = self._sample_with(sampler, denoiser, x, sched.sigmas, chosen, sampler_options,
+                                      callback_on_step_end, progress)
+            check_finite(x, "the sampled latents")
+            return x
         denoiser = self.denoiser(conditioning)
-        with StepBar(sched.num_steps, "denoising", enabled=bool(progress), verbose=progress == "verbose") as bar:
+        with stage("sampling", "num_frames, height and width, or the number of images"), \
+                StepBar(sched.num_steps, "denoising", enabled=bool(progress), verbose=progress == "verbose") as bar:
             for i in range(sched.num_steps):
                 x = denoiser.euler_step(x, sched.sigmas[i], sched.sigmas[i + 1], sched.timesteps[i])
                 bar.step_done(x)
@@ -224,6 +242,7 @@ class Pipeline:
                     x = x if replaced is None else _checked_array(replaced, x.shape,
                                                                    "latents returned by callback_on_step_end")
                     x = sharding.place_rows(jnp.array(x, copy=True), self.mesh)
+        check_finite(x, "the sampled latents")
         return x
 
     def _sample_with(self, name: str, denoiser, x, sigmas, chosen_seeds, options, callback_on_step_end,
@@ -241,7 +260,7 @@ class Pipeline:
 
             options = dict(options or {})
             # each video's own stream, apart from its augmentation and latent noise (parts 0 and 1 of its key)
-            options.setdefault("key", [jax.random.fold_in(jax.random.key(s), 2) for s in chosen_seeds])
+            options.setdefault("key", [jax.random.fold_in(seed_key(s), 2) for s in chosen_seeds])
             return samplers.sample(name, denoiser, x, sigmas, callback=after_step, **options)
 
     def decode(self, latents, decode_chunk_size: int | None = None, output_type: str = "np"):
@@ -257,8 +276,10 @@ class Pipeline:
         # One video at a time: diffusers flattens the batch, so a chunk that does not divide num_frames would mix
         # two videos in one temporal decode; per video, a video decoded in a batch equals the same video alone.
         num_frames = latents.shape[1]
-        frames = jnp.concatenate([decode_latents(self.models.vae, latents[b:b + 1], decode_chunk_size or num_frames)
-                                  for b in range(latents.shape[0])])
+        with stage("decoding", "decode_chunk_size (down to 1), or height and width"):
+            frames = jnp.concatenate([decode_latents(self.models.vae, latents[b:b + 1],
+                                                     decode_chunk_size or num_frames) for b in range(latents.shape[0])])
+        check_finite(frames, "the decoded frames")
         frames = jnp.clip(frames.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
         if output_type in ("uint8", "pil"):
             frames = np.asarray(jnp.round(frames * 255)).astype(np.uint8)

@@ -65,6 +65,11 @@ def resolve_settings(model_settings: dict, unet_config, **given) -> dict:
 
 def check_conditioning(fps, motion_bucket_id, noise_aug_strength) -> None:
     """A negative noise strength is an error; values outside the trained ranges warn (the caller's caller)."""
+    for value, name in ((fps, "fps"), (motion_bucket_id, "motion_bucket_id"),
+                        (noise_aug_strength, "noise_aug_strength")):
+        if (isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating))
+                or not math.isfinite(value)):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
     if noise_aug_strength < 0:
         raise ValueError(f"noise_aug_strength must be >= 0, got {noise_aug_strength}")
     if not MOTION_BUCKET_RANGE[0] <= motion_bucket_id <= MOTION_BUCKET_RANGE[1]:
@@ -74,13 +79,39 @@ def check_conditioning(fps, motion_bucket_id, noise_aug_strength) -> None:
         warnings.warn(f"fps {fps} is outside the trained range {FPS_RANGE}", stacklevel=4)
 
 
+# Seeds are 64-bit: any integer in [-2**63, 2**64) is taken modulo 2**64, and each gives its own noise.
+SEED_RANGE = (-(2 ** 63), 2 ** 64)
+
+
+def _is_integer(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _seed(value, name: str) -> int:
+    if not _is_integer(value) or not SEED_RANGE[0] <= int(value) < SEED_RANGE[1]:
+        raise ValueError(f"{name} must be an integer in [-2**63, 2**64), got {value!r}")
+    return int(value) % 2 ** 64
+
+
 def seeds(seed, batch: int) -> list[int]:
-    """One seed per video: ``seed + i`` for an int, the given ones for a list, fresh ones for None."""
+    """One seed per video: ``seed + i`` for an int, the given ones for a list, fresh ones for None; each in
+    [0, 2**64)."""
     if seed is None:
-        seed = int(np.random.SeedSequence().generate_state(1)[0])
-    if isinstance(seed, (int, np.integer)):
-        return [int(seed) + i for i in range(batch)]
-    chosen = [int(s) for s in seed]
+        seed = int(np.random.SeedSequence().generate_state(1, np.uint64)[0])
+    if _is_integer(seed):
+        return [(_seed(seed, "seed") + i) % 2 ** 64 for i in range(batch)]
+    if isinstance(seed, (str, bytes)) or not isinstance(seed, (list, tuple, np.ndarray)):
+        raise ValueError(f"seed must be an integer or a list of integers (one per image), got {seed!r}")
+    chosen = [_seed(s, f"seed[{i}]") for i, s in enumerate(seed)]
     if len(chosen) != batch:
         raise ValueError(f"got {len(chosen)} seeds for {batch} images")
     return chosen
+
+
+def seed_key(seed: int):
+    """The random key of a seed in [0, 2**64): its high and low 32 bits as the threefry key's two words, so no
+    two seeds share a key (``jax.random.key`` keeps only the low 32 bits when 64-bit types are off) and a seed
+    below 2**32 gives the key ``jax.random.key(seed)`` gives."""
+    import jax
+
+    return jax.random.wrap_key_data(np.array([seed >> 32, seed & 0xFFFFFFFF], np.uint32), impl="threefry2x32")

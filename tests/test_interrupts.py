@@ -15,7 +15,8 @@ from transformers import CLIPVisionModelWithProjection
 from faults import finish, leftovers, start, wait_for_line
 from parity import randomize
 
-CONVERT = "import sys\nimport svd_jax.checkpoint\n{pause}\nfrom convert.__main__ import main\nsys.exit(main(sys.argv[1:]))\n"
+CONVERT = ("import sys\nimport svd_jax.checkpoint\n{pause}\nfrom convert.__main__ import main\n"
+           "sys.exit(main(sys.argv[1:]))\n")
 
 
 @pytest.fixture(scope="module")

@@ -42,7 +42,8 @@ def _refused(folder, *needles, **load_options):
 
 
 def _data_files(folder):
-    return sorted(p for p in (folder / "image_encoder" / "params").rglob("*") if p.is_file() and p.stat().st_size > 1000)
+    files = (folder / "image_encoder" / "params").rglob("*")
+    return sorted(p for p in files if p.is_file() and p.stat().st_size > 1000)
 
 
 def test_intact_folder_loads(copy):
