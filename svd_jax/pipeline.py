@@ -7,8 +7,9 @@ the modules at every call, so an in-place update (``nnx.update``, an assignment 
 used by the next call. The default sampler is the EDM Euler step fused with the UNet in one jitted program
 (:class:`svd_jax.denoiser.Denoiser`); the loop over steps is Python, so progress bars, ``callback_on_step_end``
 and interruption work as usual. Randomness enters as arrays: the augmentation noise and the initial latent noise
-are drawn per video from ``jax.random.key(seed)`` unless passed in (``noise=``, ``latents=``), so a video
-generated in a batch is the same video generated alone, and tests can inject the noise the PyTorch pipeline used.
+are drawn per video from its seed's key (:func:`svd_jax.settings.seed_key`) unless passed in (``noise=``,
+``latents=``), so a video generated in a batch is the same video generated alone, and tests can inject the noise
+the PyTorch pipeline used.
 """
 
 from __future__ import annotations
