@@ -3,16 +3,21 @@ at 576x1024, bf16), summarised by XLA op and by the svd_jax source line that emi
 
     python benchmarks/profile_step.py --out results/        # writes step.xplane.pb and profile.txt there
     python benchmarks/profile_step.py --size tiny           # the same path in seconds, e.g. on a CPU
+    python benchmarks/profile_step.py --count               # FLOPs and bytes XLA counts for the step, on any machine
 
 ``step.xplane.pb`` opens in TensorBoard's or XProf's profile viewer; ``profile.txt`` is the summary printed here;
-``--summarise step.xplane.pb`` prints it again from a saved trace (on any machine).
+``--summarise step.xplane.pb`` prints it again from a saved trace (on any machine). ``--count`` compiles the step
+from abstract weights (shapes only: nothing is allocated or run) for this machine's backend and prints XLA's
+count of its floating-point operations and bytes accessed: work counted, not timed.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import glob
+import json
 import os
 import re
 import shutil
@@ -22,10 +27,11 @@ import time
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 sys.path.insert(0, os.path.dirname(__file__))
 import svd_jax  # noqa: E402
-from bench_generate import SIZES, build_models  # noqa: E402
+from bench_generate import SIZES, build_models, configs  # noqa: E402
 from svd_jax.denoiser import Conditioning  # noqa: E402
 
 
@@ -39,6 +45,28 @@ def step_inputs(models, size: str):
     cond = Conditioning(jax.random.normal(key, (2, 1, dim)), jax.random.normal(key, (2, h, w, 4)),
                                  jnp.asarray([[6.0, 127.0, 0.02]] * 2), jnp.linspace(1.0, 3.0, frames))
     return jax.random.normal(key, (1, frames, h, w, 4)), cond
+
+
+def count_step(size: str, policy: svd_jax.Policy) -> dict:
+    """XLA's cost analysis of the compiled guided step (UNet on [uncond, cond], guidance, Euler update) built from
+    abstract weights: TFLOP and GB accessed per step. On a GPU, cuDNN's attention is a custom call XLA does not
+    count; on a CPU every operation is counted."""
+    from svd_jax.components import abstract_model
+
+    unet = abstract_model("unet", configs(size)["unet"], policy)
+    graph, state = nnx.split(unet)
+    settings, scale = SIZES[size], configs(size)["vae"].downsample_factor
+    h, w, frames = settings["height"] // scale, settings["width"] // scale, settings["num_frames"]
+    f32 = functools.partial(jax.ShapeDtypeStruct, dtype=jnp.float32)
+    cond = Conditioning(f32((2, 1, unet.config.cross_attention_dim[0])), f32((2, h, w, 4)), f32((2, 3)),
+                        f32((frames,)))
+    compiled = svd_jax.denoiser._euler_step.lower(graph, None, state, f32((1, frames, h, w, 4)), f32(()), f32(()),
+                                                  f32(()), cond).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return {"backend": jax.default_backend(), "policy": policy.compute_dtype, "size": size,
+            "tflop_per_step": round(cost["flops"] / 1e12, 3),
+            "gb_accessed_per_step": round(cost.get("bytes accessed", float("nan")) / 1e9, 1)}
 
 
 def run_steps(denoiser, latents, count: int):
@@ -110,9 +138,13 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=3, help="steps traced")
     parser.add_argument("--out", default="results", help="folder for step.xplane.pb and profile.txt")
     parser.add_argument("--summarise", metavar="XPLANE", help="only print the summary of a saved trace")
+    parser.add_argument("--count", action="store_true", help="only count the bf16 step's work (see above)")
     args = parser.parse_args(argv)
     if args.summarise:
         print(summarise(args.summarise, args.steps))
+        return 0
+    if args.count:
+        print(json.dumps(count_step(args.size, svd_jax.Policy.bfloat16())), flush=True)
         return 0
     os.makedirs(args.out, exist_ok=True)
     models = build_models(args.size, svd_jax.Policy.default())
