@@ -39,6 +39,7 @@ from flax import nnx  # noqa: E402
 import svd_jax  # noqa: E402
 from svd_jax import scheduler  # noqa: E402
 from svd_jax.components import recast  # noqa: E402
+from svd_jax.errors import NonFiniteError  # noqa: E402
 from svd_jax.loader import random_models  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -180,14 +181,19 @@ def whole_generation(results: Results, size: str, converted: str, others, refere
         nonfinite.append(int((~np.isfinite(x)).sum()))
         steps.append(x)
 
-    frames = svd_jax.generate(test_image(settings["height"], settings["width"]), models, latents=latents,
-                              noise=noise, seed=0, progress=False, callback_on_step_end=on_step, **settings)
+    try:
+        frames = svd_jax.generate(test_image(settings["height"], settings["width"]), models, latents=latents,
+                                  noise=noise, seed=0, progress=False, callback_on_step_end=on_step, **settings)
+    except NonFiniteError as e:  # generate refuses non-finite latents or frames: record how many, per step
+        results.log("svd_jax", f"{name}.generation.nonfinite_per_step", nonfinite)
+        results.log("svd_jax", f"{name}.generation.error", str(e))
+        return None
     out = {"latents": steps[-1], "frames": np.asarray(frames, np.float32), "steps": steps}
     entry = {"nonfinite_per_step": nonfinite, "frames_nonfinite": int((~np.isfinite(out["frames"])).sum())}
     if reference is not None:
         entry["latents_rel_l2_per_step"] = [errors(a, b)["rel_l2"] for a, b in zip(steps, reference["steps"])]
         entry["latents_rel_l2"] = entry["latents_rel_l2_per_step"][-1]
-        mse = float(np.mean((np.nan_to_num(out["frames"]) - reference["frames"]) ** 2))
+        mse = float(np.mean((out["frames"] - reference["frames"]) ** 2))
         entry["frames_psnr_db"] = round(10 * math.log10(1.0 / mse), 2) if mse > 0 else float("inf")
     for key, value in entry.items():
         results.log("svd_jax", f"{name}.generation.{key}", value)
@@ -203,7 +209,7 @@ def default_policy(results: Results) -> str | None:
     qualifying = []
     for name, entry in results.get("svd_jax", {}).items():
         generation = entry.get("generation", {})
-        if ("seconds_per_step" not in entry or entry.get("nonfinite") or "nonfinite_per_step" not in generation
+        if ("seconds_per_step" not in entry or entry.get("nonfinite") or "frames_nonfinite" not in generation
                 or any(generation["nonfinite_per_step"]) or generation["frames_nonfinite"]):
             continue
         if all(entry["by_sigma"][s]["rel_l2"] <= anchor[s]["rel_l2"] for s in anchor):
