@@ -26,8 +26,8 @@ def animatelcm(tmp_path_factory):
     distilled = tiny_pipeline(seed=7).unet
     save_file({k: v.contiguous() for k, v in distilled.state_dict().items()}, root / "AnimateLCM-tiny.safetensors")
     write_config_dir(root / "config", "unet", dict(distilled.config))  # a bare file has no config: give the tiny one
-    convert_inprocess(root / "base", root / "converted", "--no-hash", "--unet", str(root / "AnimateLCM-tiny.safetensors"),
-                      "--config", str(root / "config"))
+    convert_inprocess(root / "base", root / "converted", "--no-hash",
+                      "--unet", str(root / "AnimateLCM-tiny.safetensors"), "--config", str(root / "config"))
     pipe.unet = distilled
     return root, pipe
 
