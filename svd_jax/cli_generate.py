@@ -10,6 +10,7 @@ is complete or absent, one ``interrupted`` line is printed and the exit code is 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import secrets
 import sys
@@ -67,6 +68,8 @@ def add_arguments(g: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    "preset's, else 0.02)")
     g.add_argument("--decode-chunk-size", type=int, help="frames decoded at once; smaller needs less memory and "
                    "changes the pixels slightly (default: the preset's, else all frames)")
+    g.add_argument("-v", "--verbose", action="store_true", help="print each denoising step's time under the "
+                   "progress bar (the first includes compiling the step)")
     g.add_argument("--ignore-memory-estimate", action="store_true", help="run even when the size asked for needs "
                    "more memory than the machine has free (it is refused otherwise, with both figures)")
     g.add_argument("--sampler", choices=list(SAMPLERS), help="euler is the original code's; heun and "
@@ -147,7 +150,7 @@ def _policy(name: str):
             "float16": Policy.float16()}[name]
 
 
-def _render(models, image, options: dict, seed: int, output: str, cancelled: threading.Event):
+def _render(models, image, options: dict, seed: int, output: str, verbose: bool, cancelled: threading.Event):
     """The worker: sample, decode and save; stops at the next step once ``cancelled`` is set."""
     from svd_jax import pipeline, video
 
@@ -155,7 +158,7 @@ def _render(models, image, options: dict, seed: int, output: str, cancelled: thr
         if cancelled.is_set():
             raise _Interrupted
 
-    frames = pipeline.generate(image, models, output_type="uint8", seed=seed,
+    frames = pipeline.generate(image, models, output_type="uint8", seed=seed, progress="verbose" if verbose else True,
                                callback_on_step_end=stop_if_cancelled, **options)
     if cancelled.is_set():
         raise _Interrupted
@@ -218,8 +221,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         enable_compilation_cache()
         models = load(source, policy=_policy(args.policy))
-        frames, path = _run_in_worker(lambda cancelled: _render(models, image, options, seed, args.output, cancelled),
-                                      args.output)
+        render = functools.partial(_render, models, image, options, seed, args.output, args.verbose)
+        frames, path = _run_in_worker(render, args.output)
         settings = {"svd_jax": __version__, "image": str(args.image), "model": str(args.model), "seed": seed,
                     "policy": str(models.policy), **options}
         sidecar = video.write_settings(path, settings)

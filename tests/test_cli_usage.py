@@ -134,3 +134,29 @@ def test_a_size_that_cannot_fit_is_refused_up_front_with_the_figures(tmp_path, i
     (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error: ")]
     assert f"{2 * 4 * 8 * 4 * 1024 * 147456 / 2**30:.1f} GiB" in line and "8.0 GiB" in line and "64x96" in line
     assert not list(tmp_path.glob("*x.mp4*"))
+
+
+def test_converting_into_the_cache_says_where_and_how_big(tmp_path, capsys, monkeypatch):
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from parity import randomize
+
+    config = CLIPVisionConfig(hidden_size=32, intermediate_size=37, projection_dim=32, num_hidden_layers=1,
+                              num_attention_heads=4, image_size=224, patch_size=32)
+    randomize(CLIPVisionModelWithProjection(config)).save_pretrained(tmp_path / "pipe" / "image_encoder")
+    monkeypatch.setenv("SVD_JAX_CACHE", str(tmp_path / "cache"))
+    target = loader.resolve(tmp_path / "pipe")
+    err = capsys.readouterr().err
+    assert f"converting {tmp_path / 'pipe'} (" in err and f"into {target}" in err and "GiB" in err, err
+    assert loader.resolve(tmp_path / "pipe") == target and capsys.readouterr().err == ""  # once
+
+
+def test_hub_failure_names_the_current_login_command(monkeypatch):
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(RuntimeError, match="hf auth login"):
+        loader.resolve("some-org/some-model")
