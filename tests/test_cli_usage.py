@@ -94,9 +94,9 @@ def test_size_rule_of_a_converted_folder_is_checked_before_loading(tmp_path, ima
     from svd_jax.configs import CLIPVisionConfig, UNetConfig, VAEConfig
 
     # a converted folder's manifest is all the check reads: the released models' configs, no weights
-    manifest = {"components": {"image_encoder": {"config": CLIPVisionConfig.vit_h_14().to_dict()},
-                               "unet": {"config": UNetConfig.svd_xt().to_dict()},
-                               "vae": {"config": VAEConfig().to_dict()}}}
+    components = {"image_encoder": {"config": CLIPVisionConfig.vit_h_14().to_dict()},
+                  "unet": {"config": UNetConfig.svd_xt().to_dict()}, "vae": {"config": VAEConfig().to_dict()}}
+    manifest = {"format": "svd_jax", "components": components}
     folder = tmp_path / "converted"
     folder.mkdir()
     (folder / loader.MANIFEST).write_text(__import__("json").dumps(manifest))
