@@ -34,7 +34,7 @@ OPTIONS = ("height", "width", "num_frames", "num_inference_steps", "min_guidance
 
 
 def add_arguments(g: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    g.add_argument("image", help="the conditioning image (png, jpg, ...); e.g. assets/gradient.png")
+    g.add_argument("image", help="the conditioning image (png, jpg, ...); e.g. assets/landscape.png")
     g.add_argument("-o", "--output", required=True, help="OUT.mp4, .gif, .webp, or a folder for png frames; the "
                    "settings (seed included) go to OUT.mp4.json next to it (required, no default)")
     g.add_argument("--model", default=DEFAULT_MODEL,
