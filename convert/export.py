@@ -56,7 +56,7 @@ DTYPES = {"float16": np.dtype(np.float16), "float32": np.dtype(np.float32), "bfl
 _STORED_DTYPES = {"float64": np.dtype(np.float64), **DTYPES}
 _SAFETENSORS_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 
-# stabilityai/stable-video-diffusion-img2vid{,-xt} scheduler/scheduler_config.json (reference, section 4.2).
+# The scheduler/scheduler_config.json of stabilityai/stable-video-diffusion-img2vid{,-xt}.
 SVD_SCHEDULER_CONFIG = {
     "_class_name": "EulerDiscreteScheduler", "_diffusers_version": DIFFUSERS_VERSION,
     "prediction_type": "v_prediction", "timestep_type": "continuous", "use_karras_sigmas": True,

@@ -1,7 +1,7 @@
 """The VAE of the original single file (sgm names), mapped to diffusers' VAE names. Contract: see
 :mod:`convert.original_clip`.
 
-Which weights are used (reference sections 2.2, 2.5, 5a):
+Which weights are used:
 
 * **Encoder and ``quant_conv``** from the conditioning embedder, ``conditioner.embedders.3.encoder.{encoder,
   quant_conv}.*``: that is the encoder sgm runs to build the concat latent, in every SVD file. The

@@ -159,7 +159,7 @@ class CLIPVisionConfig(_ConfigIO):
 
 # GroupNorm epsilons of the UNet's resnets, per block. diffusers hard-codes 1e-6 in the cross-attention down
 # blocks and in every up block (``get_up_block`` never forwards ``resnet_eps``) and uses 1e-5 in the plain down
-# block and the mid block; the original (sgm) code uses 1e-5 everywhere. See the reference, section 4.3.
+# block and the mid block; the original (sgm) code uses 1e-5 everywhere.
 _DIFFUSERS_DOWN_EPS = {"CrossAttnDownBlockSpatioTemporal": 1e-6, "DownBlockSpatioTemporal": 1e-5}
 _DIFFUSERS_UP_EPS = {"CrossAttnUpBlockSpatioTemporal": 1e-6, "UpBlockSpatioTemporal": 1e-6}
 ORIGINAL_RESNET_EPS = 1e-5

@@ -41,6 +41,9 @@ class TemporalConv(nnx.Conv):
 
     def __call__(self, x):
         b, f, h, w, c = x.shape
+        if c != self.in_features:
+            raise ValueError(f"TemporalConv expects {self.in_features} channels (x [B, F, H, W, C]), got shape "
+                             f"{tuple(x.shape)}")
         kernel = self.kernel[...].reshape(3, 1, c, -1).astype(self.dtype)
         y = jax.lax.conv_general_dilated(x.astype(self.dtype).reshape(b, f, h * w, c), kernel, (1, 1), ((1, 1), (0, 0)),
                                          dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=self.precision)

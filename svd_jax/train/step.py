@@ -40,22 +40,16 @@ class TrainState(NamedTuple):
     rng: jax.Array  # uint32 key data of the training RNG
 
 
-def learning_rate(config: OptimizerConfig):
+def learning_rate(config: OptimizerConfig) -> optax.Schedule:
     """Linear warm-up to ``learning_rate`` over ``warmup_steps`` (step 0 already gets lr / warmup), then constant,
     or with ``decay_steps`` a cosine decay to 0 over that many steps."""
     peak, warmup, decay = config.learning_rate, config.warmup_steps, config.decay_steps
-
-    def schedule(count):
-        count = jnp.asarray(count, jnp.float32)
-        rate = jnp.asarray(peak, jnp.float32)
-        if warmup:
-            rate = rate * jnp.minimum(1.0, (count + 1.0) / warmup)
-        if decay:
-            progress = jnp.clip((count - warmup) / decay, 0.0, 1.0)
-            rate = rate * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
-        return rate
-
-    return schedule
+    after = optax.cosine_decay_schedule(peak, decay) if decay else optax.constant_schedule(peak)
+    if not warmup:
+        return after
+    # (count + 1) / warmup of the peak: the first step already trains, the warmup-th reaches the peak
+    warm = optax.linear_schedule(peak / warmup, peak, max(warmup - 1, 0))
+    return optax.join_schedules([warm, after], [warmup])
 
 
 def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
