@@ -33,11 +33,11 @@ from svd_jax.policy import Policy
 from svd_jax.progress import StepBar
 from svd_jax.step_cache import CachedDenoiser
 from svd_jax.settings import (DIFFUSERS_DEFAULTS, FPS_RANGE, MOTION_BUCKET_RANGE, OUTPUT_TYPES, PRESETS,
-                              check_conditioning, check_size, positive_int, resolve_settings, seed_key, seeds,
-                              size_multiple)
+                              Preset, check_conditioning, check_size, positive_int, resolve_settings, seed_key,
+                              seeds, size_multiple)
 from svd_jax.vae import decode_latents
 
-__all__ = ["Pipeline", "generate", "check_each_step", "Conditioning", "PRESETS", "DIFFUSERS_DEFAULTS",
+__all__ = ["Pipeline", "generate", "check_each_step", "Conditioning", "PRESETS", "Preset", "DIFFUSERS_DEFAULTS",
            "FPS_RANGE", "MOTION_BUCKET_RANGE", "OUTPUT_TYPES", "check_size", "resolve_settings", "size_multiple"]
 
 

@@ -3,27 +3,57 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 
+@dataclasses.dataclass(frozen=True)
+class Preset(Mapping):
+    """Sampler settings for :func:`svd_jax.generate` and :class:`svd_jax.Pipeline`. A preset is also a mapping of
+    the settings it sets (fields left None are not set), so ``generate(image, models, **PRESETS["svd_xt"])`` and
+    ``dict(preset, num_frames=14)`` work."""
+
+    num_inference_steps: int
+    min_guidance_scale: float
+    max_guidance_scale: float
+    fps: int = 7
+    motion_bucket_id: int = 127
+    noise_aug_strength: float = 0.02
+    num_frames: int | None = None  # None: the UNet's trained count
+    decode_chunk_size: int | None = None  # None: a whole video per decode
+    sampler: str | None = None  # None: the default (EDM Euler)
+    schedule: str | None = None  # None: the default (Karras)
+
+    def _settings(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
+
+    def __getitem__(self, name: str):
+        return self._settings()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._settings())
+
+    def __len__(self) -> int:
+        return len(self._settings())
+
+
 # Sampler settings of the original code (sgm) per model, and diffusers' pipeline defaults. fps is the frame
 # rate given to the pipeline; the model is conditioned on fps - 1 (sgm's fps_id 6 == fps 7).
-PRESETS = {
-    "diffusers": dict(num_inference_steps=25, min_guidance_scale=1.0, max_guidance_scale=3.0, fps=7,
-                      motion_bucket_id=127, noise_aug_strength=0.02, decode_chunk_size=None),
-    "svd": dict(num_frames=14, num_inference_steps=25, min_guidance_scale=1.0, max_guidance_scale=2.5, fps=7,
-                motion_bucket_id=127, noise_aug_strength=0.02, decode_chunk_size=14),
-    "svd_xt": dict(num_frames=25, num_inference_steps=30, min_guidance_scale=1.5, max_guidance_scale=3.0, fps=7,
-                   motion_bucket_id=127, noise_aug_strength=0.02, decode_chunk_size=14),
-    "svd_xt_1_1": dict(num_frames=25, num_inference_steps=30, min_guidance_scale=1.5, max_guidance_scale=3.0, fps=7,
-                       motion_bucket_id=127, noise_aug_strength=0.02, decode_chunk_size=7),
+PRESETS: dict[str, Preset] = {
+    "diffusers": Preset(num_inference_steps=25, min_guidance_scale=1.0, max_guidance_scale=3.0),
+    "svd": Preset(num_frames=14, num_inference_steps=25, min_guidance_scale=1.0, max_guidance_scale=2.5,
+                  decode_chunk_size=14),
+    "svd_xt": Preset(num_frames=25, num_inference_steps=30, min_guidance_scale=1.5, max_guidance_scale=3.0,
+                     decode_chunk_size=14),
+    "svd_xt_1_1": Preset(num_frames=25, num_inference_steps=30, min_guidance_scale=1.5, max_guidance_scale=3.0,
+                         decode_chunk_size=7),
     # AnimateLCM-SVD-xt (a consistency-distilled SVD-XT UNet; convert with --unet): its authors' demo settings,
     # with their sampler and schedule
-    "animatelcm": dict(num_frames=25, num_inference_steps=4, min_guidance_scale=1.0, max_guidance_scale=1.2, fps=7,
-                       motion_bucket_id=80, noise_aug_strength=0.02, decode_chunk_size=4, sampler="lcm",
-                       schedule="animatelcm"),
+    "animatelcm": Preset(num_frames=25, num_inference_steps=4, min_guidance_scale=1.0, max_guidance_scale=1.2,
+                         motion_bucket_id=80, decode_chunk_size=4, sampler="lcm", schedule="animatelcm"),
 }
 # Conditioning values the released models were trained on; outside them generation runs but is unreliable.
 MOTION_BUCKET_RANGE = (0, 255)

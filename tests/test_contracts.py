@@ -30,3 +30,22 @@ def test_learning_rate_warms_up_then_decays(warmup, decay):
         if decay:
             expected *= 0.5 * (1 + math.cos(math.pi * min(max(step - warmup, 0), decay) / decay))
         assert float(schedule(np.int32(step))) == pytest.approx(expected, rel=1e-6, abs=1e-12)
+
+
+def test_presets_are_typed_and_spread_as_generate_arguments():
+    import dataclasses
+    import inspect
+
+    import svd_jax
+
+    preset = svd_jax.PRESETS["svd_xt"]
+    assert isinstance(preset, svd_jax.pipeline.Preset)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        preset.fps = 8
+    assert dict(**preset) == dict(num_frames=25, num_inference_steps=30, min_guidance_scale=1.5,
+                                  max_guidance_scale=3.0, fps=7, motion_bucket_id=127, noise_aug_strength=0.02,
+                                  decode_chunk_size=14)
+    assert "num_frames" not in svd_jax.PRESETS["diffusers"]  # unset: the UNet's own count
+    accepted = inspect.signature(svd_jax.generate).parameters
+    for name, p in svd_jax.PRESETS.items():
+        assert set(p) <= set(accepted), name
