@@ -97,8 +97,11 @@ class Denoiser:
     def __init__(self, graph, state, conditioning: Conditioning, mesh: Mesh | None = None):
         self.graph, self.state, self.conditioning, self.mesh = graph, state, conditioning, mesh
 
+    # Traced under the mesh (sharding.mesh_context), so kernels that must run per device (the TPU attention) see it.
     def __call__(self, x, sigma) -> jax.Array:
-        return _denoise(self.graph, self.mesh, self.state, x, sigma, self.conditioning)
+        with sharding.mesh_context(self.mesh):
+            return _denoise(self.graph, self.mesh, self.state, x, sigma, self.conditioning)
 
     def euler_step(self, x, sigma, sigma_next, c_noise) -> jax.Array:
-        return _euler_step(self.graph, self.mesh, self.state, x, sigma, sigma_next, c_noise, self.conditioning)
+        with sharding.mesh_context(self.mesh):
+            return _euler_step(self.graph, self.mesh, self.state, x, sigma, sigma_next, c_noise, self.conditioning)

@@ -3,7 +3,7 @@
 * ``param_dtype``: the dtype weights are restored in.
 * ``compute_dtype``: the dtype of activations and matmul/conv inputs. Norm statistics, softmax, the sampler
   state, EDM scalings, guidance and the Euler update always stay float32, whatever this says.
-* ``attention_impl``: ``"auto"``, ``"xla"`` or ``"cudnn"`` (see :mod:`svd_jax.attention`).
+* ``attention_impl``: ``"auto"``, ``"xla"``, ``"cudnn"`` (GPU) or ``"pallas"`` (TPU); see :mod:`svd_jax.attention`.
 * ``precision``: matmul/conv precision for XLA (``"highest"`` makes float32 exact on TPU and GPU, where the
   default would use bf16 passes or TF32).
 """
@@ -15,7 +15,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas")
 PRECISIONS = ("default", "high", "highest")
 
 

@@ -12,6 +12,8 @@ clusters it needs no arguments), then ``make_mesh()`` spans all hosts' devices a
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -27,6 +29,11 @@ def make_mesh(devices=None) -> Mesh:
     if not devices:
         raise ValueError("make_mesh needs at least one device")
     return Mesh(np.array(devices), (DATA_AXIS,))
+
+
+def mesh_context(mesh: Mesh | None):
+    """``jax.set_mesh(mesh)`` for tracing a program that runs on ``mesh`` (nothing when ``mesh`` is None)."""
+    return contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

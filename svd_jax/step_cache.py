@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
-from svd_jax import scheduler
+from svd_jax import scheduler, sharding
 from svd_jax.denoiser import Conditioning, guided_output
 
 
@@ -68,6 +68,10 @@ class CachedDenoiser:
         self._deep_features = None
 
     def __call__(self, x, sigma) -> jax.Array:
+        with sharding.mesh_context(self.mesh):  # as Denoiser: per-device kernels see the mesh
+            return self._evaluate(x, sigma)
+
+    def _evaluate(self, x, sigma) -> jax.Array:
         calls = self.full_evaluations + self.shallow_evaluations
         if calls % self.interval == 0:
             self.full_evaluations += 1
