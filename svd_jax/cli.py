@@ -2,7 +2,8 @@
 
 ``svd-jax generate IMAGE -o OUT.mp4 [--model PATH|HUB_ID|tiny] [--preset NAME] [generate options]``,
 ``svd-jax convert SRC DST`` (as ``python -m convert``), ``svd-jax info DST``, ``svd-jax clean [FOLDER ...]``,
-``svd-jax train CONFIG``.
+``svd-jax train CONFIG``, ``svd-jax compile --target tpu:v5e:2x2`` (memory and FLOPs of a generation on a target,
+compiled without running).
 
 Each subcommand is one ``_add_<name>`` function that builds its parser and names the function that runs it
 (``set_defaults(run=...)``); :func:`build_parser` lists them. Every option's help states its default
@@ -109,11 +110,18 @@ def _add_train(commands) -> None:
         run=run)
 
 
+def _add_compile(commands) -> None:
+    from svd_jax.generation_plan import add_arguments, run
+
+    add_arguments(_subcommand(commands, "compile", "compile a generation for a target (a TPU slice, gpu, cpu) "
+                                                   "and report per-device memory and FLOPs")).set_defaults(run=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="svd-jax", description="Stable Video Diffusion in JAX",
                                      formatter_class=HelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_generate, _add_convert, _add_info, _add_clean, _add_train):
+    for add in (_add_generate, _add_convert, _add_info, _add_clean, _add_train, _add_compile):
         add(commands)
     return parser
 
