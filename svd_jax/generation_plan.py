@@ -127,7 +127,8 @@ def plan_generation(target: Target, *, model: str = "svd_xt", policy: str = "bfl
     models = compile_plan.abstract_models(model, numerics)
     num_frames = num_frames or models["unet"].config.num_frames
     multiple = models["vae"].config.downsample_factor * models["unet"].config.downsample_factor
-    for value, name in ((batch, "batch"), (num_frames, "num-frames"), (height, "height"), (width, "width")):
+    for value, name in ((batch, "batch"), (num_frames, "num-frames"), (height, "height"), (width, "width"),
+                        (decode_chunk_size or 1, "decode-chunk-size")):
         if value < 1:
             raise ValueError(f"--{name} must be positive, got {value}")
     if height % multiple or width % multiple:

@@ -4,9 +4,10 @@ What grows fastest with the frame size is attention over the latent pixels: on t
 float32) every self-attention holds float32 scores for a block of queries against all keys, and the softmax's
 weights as large again (:mod:`svd_jax.attention` decides the kernel and the block). cuDNN's flash attention holds
 none. The estimate is those two buffers for the largest attention of the UNet's denoising step and of the VAE
-decoder: a floor on what the generation needs besides the weights, not a prediction of its peak. The tiny model
-at the released models' 576x1024 is the case it exists for: its VAE downsamples by 2, so its UNet attends over
-147,456 latent tokens and holds about 36 GiB of scores, where its own 64x96 holds 0.6 GiB.
+decoder: a floor on what the generation needs besides the weights, not a prediction of its peak. The XLA path
+bounds its block by the whole batch x heads x tokens x tokens footprint, so this is at most about 2 GiB: the tiny
+model at the released models' 576x1024 (its VAE downsamples by 2, so its UNet attends over 147,456 latent tokens)
+holds about 2.1 GiB of scores, where its own 64x96 holds 0.6 GiB.
 """
 
 from __future__ import annotations
@@ -37,9 +38,8 @@ def attention_score_bytes(batch: int, heads: int, tokens: int, head_dim: int, dt
     """float32 scores and softmax weights one self-attention over ``tokens`` holds at once (0 with flash)."""
     if attention.choose_impl(impl, dtype, tokens, head_dim) != "xla":
         return 0
-    queries = attention.XLA_QUERY_CHUNK if (tokens * tokens > attention.XLA_CHUNK_ABOVE
-                                            and tokens > attention.XLA_QUERY_CHUNK) else tokens
-    return 2 * 4 * batch * heads * queries * tokens
+    rows, queries = attention.xla_blocks(batch, heads, tokens, tokens, attention.XLA_BLOCK_ELEMENTS)
+    return 2 * 4 * rows * heads * queries * tokens
 
 
 def attention_estimate(unet_config, vae_config, policy, height: int, width: int, num_frames: int,
