@@ -1,6 +1,7 @@
 """``svd-jax``: the command line.
 
 ``svd-jax generate IMAGE -o OUT.mp4 [--model PATH|HUB_ID|tiny] [--preset NAME] [generate options]``,
+``svd-jax batch JOBS -o OUTDIR [generate options] [--coordinator HOST:PORT --num-processes N --process-id I]``,
 ``svd-jax convert SRC DST`` (as ``python -m convert``), ``svd-jax info DST``, ``svd-jax clean [FOLDER ...]``,
 ``svd-jax train CONFIG``, ``svd-jax compile --target tpu:v5e:2x2`` (memory and FLOPs of a generation on a target,
 compiled without running).
@@ -42,6 +43,13 @@ def _add_generate(commands) -> None:
     from svd_jax.cli_generate import add_arguments, run
 
     add_arguments(_subcommand(commands, "generate", "generate a video from an image")).set_defaults(run=run)
+
+
+def _add_batch(commands) -> None:
+    from svd_jax.cli_batch import add_arguments, run
+
+    add_arguments(_subcommand(commands, "batch", "generate a video per image of a folder or jobs file, resumable, "
+                                                 "on one or several processes")).set_defaults(run=run)
 
 
 def _add_convert(commands) -> None:
@@ -121,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="svd-jax", description="Stable Video Diffusion in JAX",
                                      formatter_class=HelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_generate, _add_convert, _add_info, _add_clean, _add_train, _add_compile):
+    for add in (_add_generate, _add_batch, _add_convert, _add_info, _add_clean, _add_train, _add_compile):
         add(commands)
     return parser
 

@@ -37,6 +37,16 @@ def add_arguments(g: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("image", help="the conditioning image (png, jpg, ...); e.g. assets/landscape.png")
     g.add_argument("-o", "--output", required=True, help="OUT.mp4, .gif, .webp, or a folder for png frames; the "
                    "settings (seed included) go to OUT.mp4.json next to it (required, no default)")
+    add_generation_options(g)
+    g.add_argument("-v", "--verbose", action="store_true", help="print each denoising step's time under the "
+                   "progress bar (the first includes compiling the step)")
+    g.add_argument("--ignore-memory-estimate", action="store_true", help="run even when the size asked for needs "
+                   "more memory than the machine has free (it is refused otherwise, with both figures)")
+    return g
+
+
+def add_generation_options(g: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The model, numerics and sampler options, shared by ``generate`` and ``batch``."""
     g.add_argument("--model", default=DEFAULT_MODEL,
                    help="a converted folder, a diffusers folder or original .safetensors (converted once and "
                         "cached), a Hugging Face repo id, or 'tiny' (a tiny random model for trying the tool: its "
@@ -68,10 +78,6 @@ def add_arguments(g: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    "preset's, else 0.02)")
     g.add_argument("--decode-chunk-size", type=int, help="frames decoded at once; smaller needs less memory and "
                    "changes the pixels slightly (default: the preset's, else all frames)")
-    g.add_argument("-v", "--verbose", action="store_true", help="print each denoising step's time under the "
-                   "progress bar (the first includes compiling the step)")
-    g.add_argument("--ignore-memory-estimate", action="store_true", help="run even when the size asked for needs "
-                   "more memory than the machine has free (it is refused otherwise, with both figures)")
     g.add_argument("--sampler", choices=list(SAMPLERS), help="euler is the original code's; heun and "
                    "dpmpp_2s_ancestral evaluate the UNet twice per step; lcm is for consistency-distilled UNets "
                    "(default: the preset's, else euler)")
@@ -89,7 +95,7 @@ class _Interrupted(Exception):
     """Raised in the worker at a step boundary after Ctrl-C."""
 
 
-def _settings(args: argparse.Namespace) -> dict:
+def sampler_settings(args: argparse.Namespace) -> dict:
     from svd_jax import pipeline
 
     options = dict(pipeline.PRESETS[args.preset]) if args.preset else {}
@@ -111,7 +117,7 @@ def _prepare(args: argparse.Namespace):
     missing = [c for c in ("image_encoder", "unet", "vae") if c not in configs]
     if missing:
         raise ValueError(f"{source} has no {', '.join(missing)}: generation needs all three components")
-    options = _settings(args)
+    options = sampler_settings(args)
     options.update(pipeline.resolve_settings(TINY_SETTINGS if source == TINY else {}, configs["unet"],
                                              **{k: options.get(k) for k in pipeline.DIFFUSERS_DEFAULTS}))
     pipeline.check_size(options["height"], options["width"], configs["unet"], configs["vae"])
@@ -119,7 +125,7 @@ def _prepare(args: argparse.Namespace):
         warnings.simplefilter("ignore")
         check_conditioning(options.get("fps", 7), options.get("motion_bucket_id", 127),
                            options.get("noise_aug_strength", 0.02))
-    _check_memory(configs, options, _policy(args.policy), source == TINY, args.ignore_memory_estimate)
+    _check_memory(configs, options, policy_named(args.policy), source == TINY, args.ignore_memory_estimate)
     return source, image, options
 
 
@@ -143,7 +149,7 @@ def _check_memory(configs: dict, options: dict, policy, tiny: bool, ignore: bool
         print(f"warning: {warning}", file=sys.stderr, flush=True)
 
 
-def _policy(name: str):
+def policy_named(name: str):
     from svd_jax.policy import Policy
 
     return {"auto": None, "float32": Policy.float32(), "bfloat16": Policy.bfloat16(),
@@ -220,7 +226,7 @@ def run(args: argparse.Namespace) -> int:
           f"{options['num_inference_steps']} steps, seed {seed}, model {source}", file=sys.stderr, flush=True)
     try:
         enable_compilation_cache()
-        models = load(source, policy=_policy(args.policy))
+        models = load(source, policy=policy_named(args.policy))
         render = functools.partial(_render, models, image, options, seed, args.output, args.verbose)
         frames, path = _run_in_worker(render, args.output)
         settings = {"svd_jax": __version__, "image": str(args.image), "model": str(args.model), "seed": seed,

@@ -22,7 +22,7 @@ from PIL import Image
 from svd_jax.errors import os_error_line
 from svd_jax.store import atomic_dir, scratch_path
 
-__all__ = ["FILE_FORMATS", "check_destination", "discard_partial", "frames_to_uint8", "save_video", "write_settings"]
+__all__ = ["FILE_FORMATS", "check_destination", "check_format", "discard_partial", "frames_to_uint8", "save_video", "write_settings"]
 
 FILE_FORMATS = (".mp4", ".gif", ".webp")
 H264_CRF = 18  # x264 constant-rate factor: 18 is visually near-lossless; imageio's default is 25.
@@ -122,6 +122,11 @@ def _destination(path) -> tuple[Path, str]:
             "or a path without extension (or ending in '/') for a folder of PNG frames"
         )
     return final, suffix
+
+
+def check_format(path) -> tuple[Path, str]:
+    """The extension rule alone (no look at the disk): the final path and its format, or a ValueError."""
+    return _destination(path)
 
 
 def _temporary(final: Path, suffix: str = "") -> Path:

@@ -1,0 +1,92 @@
+"""``svd-jax batch JOBS -o OUTDIR``: one video per job of a folder of images or a JSONL/CSV file (see
+:mod:`svd_jax.batch`), resumable, on one process or several (``--coordinator``/``--num-processes``/
+``--process-id`` on one machine, ``--distributed`` on a cluster that JAX sets up from its environment).
+
+Exit code: 0 when every job is done or was already there, 1 when some failed (each named with its reason;
+process 0 reports every process's jobs, the others their own),
+2 for bad input found before any work (a malformed jobs file, an unknown model), 130 after Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+EXIT_FAILED_JOBS = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+def add_arguments(g: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    from svd_jax.cli_generate import add_generation_options
+
+    g.add_argument("jobs", help="a folder of images (one video each, named after the image) or a .jsonl/.csv file "
+                   "with one job per line: image, optional output, seed, num_frames, motion_bucket_id, fps, ...")
+    g.add_argument("-o", "--output", required=True, help="the folder the videos, their settings (VIDEO.json) and "
+                   "batch-summary.json go to; videos already there are skipped (required, no default)")
+    g.add_argument("--suffix", default=".mp4", help="format of outputs a job does not name: .mp4, .gif, .webp, or "
+                   "'' for folders of png frames")
+    g.add_argument("--batch-size", type=int, help="videos generated together (default: one per local device)")
+    add_generation_options(g)
+    seed = next(a for a in g._actions if a.dest == "seed")
+    seed.default, seed.help = 0, "job i without its own seed uses SEED + i, so a rerun makes the same videos"
+    multi = g.add_argument_group("several processes (each started with the same jobs and options)")
+    multi.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0, for processes started by "
+                       "hand; needs --num-processes and --process-id (default: one process)")
+    multi.add_argument("--num-processes", type=int, help="how many processes share the jobs (with --coordinator)")
+    multi.add_argument("--process-id", type=int, help="this process's index, 0 to N-1 (with --coordinator)")
+    multi.add_argument("--distributed", action="store_true", help="set up from the cluster's environment "
+                       "(SLURM, TPU pod slices, ...: jax.distributed.initialize() with no arguments)")
+    return g
+
+
+def _initialize(args: argparse.Namespace) -> None:
+    import jax
+
+    given = [args.coordinator, args.num_processes, args.process_id]
+    if any(v is not None for v in given) and not all(v is not None for v in given):
+        raise ValueError("--coordinator, --num-processes and --process-id go together")
+    if args.coordinator is not None:
+        jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
+                                   process_id=args.process_id)
+    elif args.distributed:
+        jax.distributed.initialize()
+
+
+def run(args: argparse.Namespace) -> int:
+    from svd_jax import __version__
+    from svd_jax.batch import batch, read_jobs
+    from svd_jax.cli_generate import policy_named, sampler_settings
+    from svd_jax.loader import TINY, enable_compilation_cache, load, model_configs, resolve
+
+    try:  # everything a user can get wrong is checked before the models are loaded
+        jobs = read_jobs(args.jobs, seed=args.seed, suffix=args.suffix)
+        source = args.model if args.model == TINY else resolve(args.model)
+        missing = [c for c in ("image_encoder", "unet", "vae") if c not in model_configs(source)]
+        if missing:
+            raise ValueError(f"{source} has no {', '.join(missing)}: generation needs all three components")
+        if args.batch_size is not None and args.batch_size < 1:
+            raise ValueError(f"--batch-size must be a positive integer, got {args.batch_size}")
+        _initialize(args)
+    except (OSError, ValueError, RuntimeError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    try:
+        enable_compilation_cache()
+        models = load(source, policy=policy_named(args.policy))
+        summary = batch(jobs, models, args.output, batch_size=args.batch_size,
+                        record={"svd_jax": __version__, "model": str(args.model), "policy": str(models.policy)},
+                        **sampler_settings(args))
+    except (OSError, ValueError, RuntimeError, ImportError, MemoryError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:  # every video is written atomically: what is there is complete
+        print("\ninterrupted; run the same command again to finish the remaining jobs", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    for name, reason in sorted(summary.failed.items()):
+        print(f"failed: {name}: {reason}", file=sys.stderr)
+    print(f"{args.output}: {summary.line()}")
+    return EXIT_FAILED_JOBS if summary.failed else 0
