@@ -4,7 +4,7 @@ __version__ = "0.1.0"
 
 from svd_jax import lora
 from svd_jax.configs import CLIPVisionConfig, UNetConfig, VAEConfig
-from svd_jax.batch import batch
+from svd_jax.bulk import batch
 from svd_jax.display import show
 from svd_jax.loader import SVDModels, enable_compilation_cache, load
 from svd_jax.pipeline import PRESETS, Pipeline, generate

@@ -1,5 +1,5 @@
 """``svd-jax batch JOBS -o OUTDIR``: one video per job of a folder of images or a JSONL/CSV file (see
-:mod:`svd_jax.batch`), resumable, on one process or several (``--coordinator``/``--num-processes``/
+:mod:`svd_jax.bulk`), resumable, on one process or several (``--coordinator``/``--num-processes``/
 ``--process-id`` on one machine, ``--distributed`` on a cluster that JAX sets up from its environment).
 
 Exit code: 0 when every job is done or was already there, 1 when some failed (each named with its reason;
@@ -33,8 +33,8 @@ def add_arguments(g: argparse.ArgumentParser) -> argparse.ArgumentParser:
     multi = g.add_argument_group("several processes (each started with the same jobs and options)")
     multi.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0, for processes started by "
                        "hand; needs --num-processes and --process-id (default: one process)")
-    multi.add_argument("--num-processes", type=int, help="how many processes share the jobs (with --coordinator)")
-    multi.add_argument("--process-id", type=int, help="this process's index, 0 to N-1 (with --coordinator)")
+    multi.add_argument("--num-processes", type=int, help="how many processes share the jobs, with --coordinator (default: 1)")
+    multi.add_argument("--process-id", type=int, help="this process's index, 0 to N-1, with --coordinator (default: 0)")
     multi.add_argument("--distributed", action="store_true", help="set up from the cluster's environment "
                        "(SLURM, TPU pod slices, ...: jax.distributed.initialize() with no arguments)")
     return g
@@ -55,7 +55,7 @@ def _initialize(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from svd_jax import __version__
-    from svd_jax.batch import batch, read_jobs
+    from svd_jax.bulk import batch, read_jobs
     from svd_jax.cli_generate import policy_named, sampler_settings
     from svd_jax.loader import TINY, enable_compilation_cache, load, model_configs, resolve
 

@@ -8,8 +8,8 @@ import PIL.Image
 import pytest
 
 import svd_jax
-from svd_jax import batch as batch_module
-from svd_jax.batch import Job, batch, process_share, read_jobs
+from svd_jax import bulk
+from svd_jax.bulk import Job, batch, process_share, read_jobs
 
 
 def assert_same_video(frames, alone):
@@ -56,12 +56,12 @@ def test_batch_equals_single_generate_resumes_and_fails_a_bad_image_alone(tmp_pa
 
     (out / "b.json").unlink()  # as if stopped between the video and its record
     calls = []
-    original = batch_module._generate_group
-    batch_module._generate_group = lambda *a: calls.append(a) or original(*a)
+    original = bulk._generate_group
+    bulk._generate_group = lambda *a: calls.append(a) or original(*a)
     try:
         again = batch(images, models, out, seed=10, suffix="", progress=False, num_inference_steps=1)
     finally:
-        batch_module._generate_group = original
+        bulk._generate_group = original
     assert sorted(again.skipped) == ["a", "b", "c"] and not again.done and not calls
     assert json.loads((out / "b.json").read_text())["seed"] == jobs["b"].seed
 

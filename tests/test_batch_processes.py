@@ -14,7 +14,7 @@ import PIL.Image
 
 import svd_jax
 from parity import REPO
-from svd_jax.batch import read_jobs
+from svd_jax.bulk import read_jobs
 from test_batch import _frames, assert_same_video
 
 NUM_JOBS = 6

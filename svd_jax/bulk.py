@@ -1,5 +1,5 @@
-"""``svd_jax.batch``: many videos from many images with one :class:`~svd_jax.Pipeline`, resumable, over one or
-several processes.
+"""Bulk generation, :func:`svd_jax.batch`: many videos from many images with one :class:`~svd_jax.Pipeline`,
+resumable, over one or several processes.
 
 Jobs come from a folder of images or a JSONL/CSV file (:func:`read_jobs`); each names its image, its output and
 optionally its own seed and generation settings. Jobs with the same settings are generated together (a list of
