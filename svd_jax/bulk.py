@@ -37,6 +37,7 @@ __all__ = ["Job", "BatchSummary", "batch", "read_jobs", "process_share", "SETTIN
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 SUMMARY_NAME = "batch-summary.json"
+BARRIER_TIMEOUT_MS = 7 * 24 * 3600 * 1000  # processes that finished wait this long for the others (a week)
 # What a job may set per video: the pipeline call's own arguments, less those that are arrays or callbacks
 # (read from the signature, so a setting added to the pipeline is a job field at once).
 _NOT_SETTINGS = {"self", "image", "seed", "latents", "noise", "output_type", "callback_on_step_end", "progress",
@@ -253,11 +254,9 @@ def _generate_group(pipeline: Pipeline, group: list, out_dir: Path, settings: di
 def _gather(summary: BatchSummary, out_dir: Path, index: int, count: int) -> BatchSummary:
     """Every process's summary, for process 0 (others get their own back): each writes its part, all wait at
     a barrier, process 0 reads the parts."""
-    from jax.experimental import multihost_utils
-
     part = out_dir / f".batch-summary.process-{index}"
     video.write_settings(part, dataclasses.asdict(summary))
-    multihost_utils.sync_global_devices("svd_jax.batch: all processes finished")
+    _wait_for_all_processes("svd_jax.batch: all processes finished")
     if index != 0:
         return summary
     merged = BatchSummary()
@@ -266,3 +265,13 @@ def _gather(summary: BatchSummary, out_dir: Path, index: int, count: int) -> Bat
         merged.merge(BatchSummary(**json.loads(path.read_text())))
         path.unlink()
     return merged
+
+
+def _wait_for_all_processes(name: str) -> None:
+    """A barrier that waits as long as the slowest process's share takes. Not a device collective
+    (``multihost_utils.sync_global_devices``): the CPU collectives give up after 30 s, and one process may finish
+    its share hours before another (it skipped more). JAX has no public barrier of its distributed runtime's own;
+    its coordination-service client has one."""
+    from jax._src import distributed
+
+    distributed.global_state.client.wait_at_barrier(name, BARRIER_TIMEOUT_MS)

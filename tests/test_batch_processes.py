@@ -56,7 +56,7 @@ def test_two_processes_split_the_jobs_resume_and_match_one_process(tmp_path):
     assert 0 < len(written) < NUM_JOBS and not (out / "batch-summary.json").exists()
 
     second = _start(images, out, _free_port())
-    results = [p.communicate(timeout=300) for p in second]
+    results = [p.communicate(timeout=500) for p in second]
     # job 7 (the broken one) is process 0's: its share failed one job, process 1's did all its own
     assert [p.returncode for p in second] == [1, 0], results
     summary = json.loads((out / "batch-summary.json").read_text())
