@@ -36,7 +36,7 @@ def _config(root, base, data, name, **changes):
         "compute_dtype": "float32", "remat": False, "checkpoint_every": 1000, "log_every": 10,
         "data": {"path": str(data), "num_frames": 3, "height": 32, "width": 32},
         "objective": {"latent_sample": False, "p_std": 1.0},
-        "optimizer": {"learning_rate": 1e-2, "warmup_steps": 5},
+        "optimizer": {"learning_rate": 5e-3, "warmup_steps": 5},
         "lora": {"rank": 4, "alpha": 8},
     }
     for key, value in changes.items():

@@ -5,6 +5,10 @@ optimizer state), resumes from ``output_dir/checkpoints`` when a checkpoint is t
 writes ``output_dir/losses.csv`` and the periodic samples, and at the end exports ``output_dir/model`` for
 ``svd_jax.load``. ``--set key=value`` overrides a config value (dotted key; the value is read as JSON when it
 parses, else as a string), e.g. ``--set optimizer.learning_rate=3e-5 --set data.cache_dir=cache``.
+
+``--plan [--target T] [--devices N] [--budget 80GiB] [--remat none|block|dots|auto] [--json PATH]`` trains nothing:
+it compiles the config's step without weights and prints its per-device memory and FLOPs
+(:mod:`svd_jax.train.plan`).
 """
 
 from __future__ import annotations
@@ -24,6 +28,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="override a config value, e.g. optimizer.learning_rate=3e-5 (repeatable; default: none)")
     parser.add_argument("--single-device", action="store_true", help="train on the first device only (default: all local devices)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    plan = parser.add_argument_group("memory plan (--plan: compile the train step without weights, do not train)")
+    plan.add_argument("--plan", action="store_true",
+                      help="print per-device memory (parameters, optimizer state, activations) and FLOPs per step, "
+                           "train nothing")
+    plan.add_argument("--target", default="local",
+                      help="local (default: this machine's devices), gpu, cpu, or a TPU slice like tpu:v5p:2x2x1")
+    plan.add_argument("--devices", type=int,
+                      help="use this many of the target's devices (with --target cpu: simulate that many; "
+                           "default: all of them)")
+    plan.add_argument("--budget", help="per-device memory to fit, e.g. 80GiB or 24GB (default: none, no verdict)")
+    plan.add_argument("--remat", choices=["none", "block", "dots", "auto"],
+                      help="remat policy to plan (default: the config's); auto: the least recomputation that fits "
+                           "--budget")
+    plan.add_argument("--json", metavar="PATH", help="also write the plan(s) as JSON (default: print only)")
     return parser
 
 
@@ -44,7 +62,39 @@ def _overrides(args: argparse.Namespace) -> dict:
     return values
 
 
+def _plan(args: argparse.Namespace) -> int:
+    import jax
+
+    if args.target == "cpu" and args.devices:  # simulated CPU devices: must be set before the backend starts
+        jax.config.update("jax_num_cpu_devices", args.devices)
+    from svd_jax.compile_plan import resolve_target
+    from svd_jax.train.config import load_config
+    from svd_jax.train.plan import parse_bytes, plan
+
+    try:
+        budget = parse_bytes(args.budget) if args.budget else None
+        if args.remat == "auto" and budget is None:
+            raise ValueError("--remat auto chooses the policy for a --budget; give one")
+        config = load_config(args.config, _overrides(args))
+        target = resolve_target(jax.default_backend() if args.target == "local" else args.target, args.devices)
+        plans = plan(config, target, args.remat, budget, log=print)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    print(plans[-1].table())
+    if args.json:
+        from pathlib import Path
+
+        Path(args.json).write_text(json.dumps([p.to_dict() for p in plans], indent=2) + "\n")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.plan:
+        return _plan(args)
+    if any(getattr(args, k) not in (None, False, "local") for k in ("target", "devices", "budget", "remat", "json")):
+        print("error: --target, --devices, --budget, --remat and --json apply only with --plan", file=sys.stderr)
+        return EXIT_USAGE
     import jax
 
     from svd_jax.loader import enable_compilation_cache

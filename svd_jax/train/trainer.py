@@ -36,9 +36,8 @@ from svd_jax.train.checkpoints import Checkpoints, save_models
 from svd_jax.train.conditioning import ClipFeatures, encode_clips
 from svd_jax.train.config import TrainConfig
 from svd_jax.train.data import VideoClips, prefetch
-from svd_jax.train.params import num_values, split_model
+from svd_jax.train.params import num_values, prepare_unet, training_policy
 from svd_jax.train.placement import Layout, check_batch_size, place_batch, place_tree
-from svd_jax.train.remat import checkpoint_layers
 from svd_jax.train.step import TrainState, TrainStep, init_state
 
 LOSS_COLUMNS = ("step", "loss", "grad_norm", "learning_rate")
@@ -92,23 +91,14 @@ class Trainer:
         self.layout = Layout(mesh, config.shard_params, config.shard_min_size)
         check_batch_size(config.batch_size, self.layout)
 
-        # float32 master weights computing in compute_dtype (with LoRA, the frozen base stays in compute_dtype and
-        # the adapters are the float32 masters); the frozen encoders run in float32 (as diffusers' force_upcast VAE
-        # encode), so the latents and embeddings do not depend on compute_dtype.
-        param_dtype = config.compute_dtype if config.lora.enabled else "float32"
-        self.policy = Policy(param_dtype, config.compute_dtype)
+        # The frozen encoders run in float32 (as diffusers' force_upcast VAE encode), so the latents and embeddings
+        # do not depend on compute_dtype.
+        self.policy = training_policy(config)
         unet = load(config.model, policy=self.policy, components=["unet"], sharding=self.layout.param_sharder()).unet
         self.base = load(config.model, policy=Policy.float32(), components=["vae", "image_encoder"])
         self.base.require("vae", "image_encoder")
         self.base.unet = None
-        trainable_set = config.optimizer.trainable
-        if config.lora.enabled:
-            lc = config.lora
-            lora.add_adapters(unet, lc.rank, lc.scale_alpha, lc.dropout, lc.targets, seed=config.seed)
-            trainable_set = [lora.ADAPTER_PATTERN]
-        if config.remat != "none":
-            checkpoint_layers(unet, config.remat)
-        self.unet, trainable, frozen = split_model(unet, trainable_set)
+        self.unet, trainable, frozen = prepare_unet(unet, config)
         del unet  # its arrays live on in the training state only (each step donates and replaces them)
         self.vae_graph, self.vae_state = nnx.split(self.base.vae)
         self.encoder_graph, self.encoder_state = nnx.split(self.base.image_encoder)
