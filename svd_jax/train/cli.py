@@ -66,7 +66,10 @@ def _plan(args: argparse.Namespace) -> int:
     import jax
 
     if args.target == "cpu" and args.devices:  # simulated CPU devices: must be set before the backend starts
-        jax.config.update("jax_num_cpu_devices", args.devices)
+        try:
+            jax.config.update("jax_num_cpu_devices", args.devices)
+        except RuntimeError:  # started already (in a library user's process): resolve_target checks the count
+            pass
     from svd_jax.compile_plan import resolve_target
     from svd_jax.train.config import load_config
     from svd_jax.train.plan import parse_bytes, plan
