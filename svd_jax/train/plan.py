@@ -16,7 +16,6 @@ the first that fits the budget (or the smallest, when none does).
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import jax
@@ -27,8 +26,8 @@ from jax.sharding import SingleDeviceSharding
 from svd_jax import sharding
 from svd_jax.compile_plan import GiB, ProgramReport, Target, per_device_bytes, program_report
 from svd_jax.components import abstract_model
-from svd_jax.configs import UNetConfig, VAEConfig, config_from_dict
-from svd_jax.loader import MANIFEST
+from svd_jax.configs import UNetConfig, VAEConfig
+from svd_jax.store import MANIFEST, read_config, read_manifest
 from svd_jax.policy import Policy
 from svd_jax.train.conditioning import ClipFeatures
 from svd_jax.train.config import TrainConfig
@@ -112,8 +111,8 @@ def model_configs(model: str) -> tuple[UNetConfig, VAEConfig]:
     if not (folder / MANIFEST).is_file():
         raise ValueError(f"--plan reads the architecture from a converted folder or a preset "
                          f"({', '.join(PRESETS)}); {model!r} is neither")
-    unet, vae = (config_from_dict(json.loads((folder / c / "config.json").read_text())) for c in ("unet", "vae"))
-    return unet, vae
+    read_manifest(folder)
+    return read_config(folder / "unet", "unet"), read_config(folder / "vae", "vae")
 
 
 def _abstract(tree):
