@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from typing import Any, Sequence
 
 import jax
@@ -184,11 +185,28 @@ def program_report(name: str, lowered, devices: int, compiler_options: dict | No
     """Compile ``lowered`` (a ``jax.jit(...).lower(...)``) and read its per-device analyses."""
     text = lowered.as_text()
     kernels = {kind: text.count(call) for call, kind in ATTENTION_KERNELS.items() if call in text}
-    compiled = lowered.compile(compiler_options=compiler_options)
+    try:
+        compiled = lowered.compile(compiler_options=compiler_options)
+    except jax.errors.JaxRuntimeError as e:
+        # The TPU compiler refuses a program whose temporaries exceed the chip's memory: report what it needs.
+        needed = _HBM_NEEDED.search(str(e))
+        if needed is None:
+            raise
+        cost = _cost_dict(lowered.cost_analysis())
+        return ProgramReport(name, devices, 0, 0, int(float(needed.group(1)) * GiB), 0, 0,
+                             float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0)), kernels)
     memory = compiled.memory_analysis()
-    cost = compiled.cost_analysis() or {}
-    if isinstance(cost, (list, tuple)):  # older jax: one dict per computation
-        cost = cost[0] if cost else {}
+    cost = _cost_dict(compiled.cost_analysis())
     return ProgramReport(name, devices, memory.argument_size_in_bytes, memory.output_size_in_bytes,
                          memory.temp_size_in_bytes, memory.alias_size_in_bytes, memory.generated_code_size_in_bytes,
                          float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0)), kernels)
+
+
+# libtpu's words when a program cannot fit: "... memory required for HLO temporaries (22.71G) exceeds available HBM"
+_HBM_NEEDED = re.compile(r"required for HLO temporaries \(([0-9.]+)G\) exceeds available HBM")
+
+
+def _cost_dict(cost) -> dict:
+    if isinstance(cost, (list, tuple)):  # older jax: one dict per computation
+        cost = cost[0] if cost else {}
+    return cost or {}
