@@ -52,6 +52,13 @@ def _add_batch(commands) -> None:
                                                  "on one or several processes")).set_defaults(run=run)
 
 
+def _add_extend(commands) -> None:
+    from svd_jax.cli_extend import add_arguments, run
+
+    add_arguments(_subcommand(commands, "extend", "continue a video past its end, conditioned on its last "
+                              "frame")).set_defaults(run=run)
+
+
 def _add_convert(commands) -> None:
     from convert.__main__ import build_parser, run
 
@@ -129,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="svd-jax", description="Stable Video Diffusion in JAX",
                                      formatter_class=HelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_generate, _add_batch, _add_convert, _add_info, _add_clean, _add_train, _add_compile):
+    for add in (_add_generate, _add_batch, _add_extend, _add_convert, _add_info, _add_clean, _add_train,
+                _add_compile):
         add(commands)
     return parser
 

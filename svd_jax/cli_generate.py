@@ -30,7 +30,7 @@ DEFAULT_MODEL = "stabilityai/stable-video-diffusion-img2vid-xt"
 # settings fill it.
 OPTIONS = ("height", "width", "num_frames", "num_inference_steps", "min_guidance_scale", "max_guidance_scale",
            "guidance", "fps", "motion_bucket_id", "noise_aug_strength", "decode_chunk_size", "sampler", "schedule",
-           "cache_interval")
+           "cache_interval", "keyframe_guidance_scale", "window_size", "window_stride")
 
 
 def add_arguments(g: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -86,6 +86,17 @@ def add_generation_options(g: argparse.ArgumentParser) -> argparse.ArgumentParse
                    "animatelcm (default: the preset's, else karras)")
     g.add_argument("--cache-interval", type=int, help="step caching: the whole UNet every N evaluations, its "
                    "shallow branch in between (fewer FLOPs, approximate; default: 1, no caching)")
+    g.add_argument("--last-image", help="an end keyframe: the video goes from IMAGE to this image "
+                   "(bidirectional keyframe sampling, two UNet evaluations per step; default: none)")
+    g.add_argument("--loop", action="store_true", help="a video that returns to IMAGE at its end (keyframe "
+                   "sampling with IMAGE as the end keyframe)")
+    g.add_argument("--keyframe-guidance-scale", type=float, help="with --last-image or --loop: the guidance "
+                   "scale on every frame, CFG++ (default: 1.0)")
+    g.add_argument("--window-size", type=int, help="sample overlapping windows of this many frames together, "
+                   "for --num-frames beyond the UNet's trained count (default: the trained count when "
+                   "--num-frames exceeds it, else one window of all frames)")
+    g.add_argument("--window-stride", type=int, help="frames between the starts of two windows (default: half a "
+                   "window)")
     g.add_argument("--seed", type=int, help="random seed; the same seed and settings give the same video "
                    "(default: a random one, printed and written to OUT.mp4.json)")
     return g
@@ -121,6 +132,15 @@ def _prepare(args: argparse.Namespace):
     options.update(pipeline.resolve_settings(TINY_SETTINGS if source == TINY else {}, configs["unet"],
                                              **{k: options.get(k) for k in pipeline.DIFFUSERS_DEFAULTS}))
     pipeline.check_size(options["height"], options["width"], configs["unet"], configs["vae"])
+    if args.last_image is not None:
+        load_image(args.last_image)  # readable, before any model is loaded
+        options["last_image"] = str(args.last_image)
+    if args.loop:
+        options["loop"] = True
+    trained = configs["unet"].num_frames
+    if (options["num_frames"] > trained and options.get("window_size") is None and args.last_image is None
+            and not args.loop):
+        options["window_size"] = trained  # a long video: windows of the trained length, not one long pass
     with warnings.catch_warnings():  # only the errors here; generate warns about untrained values itself
         warnings.simplefilter("ignore")
         check_conditioning(options.get("fps", 7), options.get("motion_bucket_id", 127),

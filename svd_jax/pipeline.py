@@ -15,6 +15,7 @@ the PyTorch pipeline used.
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Callable, Sequence
 
 import jax
@@ -24,35 +25,20 @@ import PIL.Image
 from flax import nnx
 from jax.sharding import Mesh
 
-from svd_jax import preprocess, samplers, scheduler, sharding
+from svd_jax import preprocess, scheduler, sharding
 from svd_jax.components import recast
 from svd_jax.denoiser import Conditioning, Denoiser
 from svd_jax.errors import check_finite, stage
 from svd_jax.loader import SVDModels
 from svd_jax.policy import Policy
-from svd_jax.progress import StepBar
-from svd_jax.step_cache import CachedDenoiser
+from svd_jax.sampling import Sampling, checked_array, seeded_noise
 from svd_jax.settings import (DIFFUSERS_DEFAULTS, FPS_RANGE, MOTION_BUCKET_RANGE, OUTPUT_TYPES, PRESETS,
-                              Preset, check_conditioning, check_size, positive_int, resolve_settings, seed_key,
+                              Preset, check_conditioning, check_size, positive_int, resolve_settings,
                               seeds, size_multiple)
 from svd_jax.vae import decode_latents
 
 __all__ = ["Pipeline", "generate", "check_each_step", "Conditioning", "PRESETS", "Preset", "DIFFUSERS_DEFAULTS",
            "FPS_RANGE", "MOTION_BUCKET_RANGE", "OUTPUT_TYPES", "check_size", "resolve_settings", "size_multiple"]
-
-
-def _seeded_noise(seeds: list[int], shape, part: int) -> jax.Array:
-    """Per video, from its own seed's key split in two: part 0 is the augmentation noise [H, W, 3], part 1 the
-    initial latent noise [F, h, w, C]."""
-    return jnp.stack([jax.random.normal(jax.random.split(seed_key(s))[part], shape, jnp.float32)
-                      for s in seeds])
-
-
-def _checked_array(value, shape, name: str) -> jax.Array:
-    array = jnp.asarray(value, jnp.float32)
-    if tuple(array.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {list(shape)} (channels last), got {list(array.shape)}")
-    return array
 
 
 def _images(image) -> list:
@@ -90,7 +76,7 @@ def _is_float32(module) -> bool:
     return jnp.dtype(module.dtype) == jnp.float32 and all(leaf.dtype == jnp.float32 for leaf in leaves)
 
 
-class Pipeline:
+class Pipeline(Sampling):
     """Image-to-video with one model set (:class:`~svd_jax.loader.SVDModels`), as diffusers'
     ``StableVideoDiffusionPipeline``: ``pipeline(image, ...)`` takes :func:`generate`'s arguments.
 
@@ -160,9 +146,9 @@ class Pipeline:
         images = _images(image)
         batch = len(images)
         if noise is not None:
-            aug_noise = _checked_array(noise, (batch, height, width, 3), "noise")
+            aug_noise = checked_array(noise, (batch, height, width, 3), "noise")
         else:
-            aug_noise = _seeded_noise(seeds(seed, batch), (height, width, 3), 0)
+            aug_noise = seeded_noise(seeds(seed, batch), (height, width, 3), 0)
         clip_size = models.image_encoder.config.image_size
         with stage("encoding the conditioning image", "height and width, or the number of images"):
             clip_pixels = jnp.concatenate([_clip_preprocess(preprocess.clip_input(im), size=clip_size)
@@ -181,88 +167,19 @@ class Pipeline:
         embeds, image_latents, time_ids = (sharding.place_rows(a, self.mesh) for a in (embeds, image_latents, time_ids))
         return Conditioning(embeds, image_latents, time_ids, jnp.asarray(scales) if guided else None)
 
+    def encode_latents(self, image, *, height: int | None = None, width: int | None = None) -> jax.Array:
+        """The scaled VAE latent of each clean image ``[B, h, w, C]`` (the posterior's mode times the VAE's
+        scaling factor): what a keyframe's latent frame is pinned to."""
+        size = self._settings(height=height, width=width)
+        check_size(size["height"], size["width"], self.models.unet.config, self.models.vae.config)
+        pixels = jnp.stack([preprocess.prepare_image(im, size["height"], size["width"]) for im in _images(image)])
+        mean = _encode_latents(*self._split(self._encoding_vae(), "vae_encoder"), pixels)
+        return sharding.place_rows(mean * jnp.float32(self.models.vae.config.scaling_factor), self.mesh)
+
     def denoiser(self, conditioning: Conditioning) -> Denoiser:
         """The guided UNet with the current weights and ``conditioning``: ``denoiser(x, sigma)`` for samplers over
         a denoiser, ``denoiser.euler_step`` for the default one."""
         return Denoiser(*self._split(self.models.unet, "unet"), conditioning, self.mesh)
-
-    def sample(self, conditioning: Conditioning, *, num_frames: int | None = None,
-               num_inference_steps: int | None = None, sigmas: Sequence[float] | None = None,
-               seed: int | Sequence[int] | None = None, latents=None, callback_on_step_end: Callable | None = None,
-               progress: bool | str = True, sampler: str = "euler", schedule: str = "karras",
-               sampler_options: dict | None = None, cache_interval: int = 1) -> jax.Array:
-        """A sampler from noise to the final latents ``[B, F, h, w, C]`` (scaled, float32): EDM Euler on Karras
-        sigmas (the original code's) unless ``sampler`` (see :mod:`svd_jax.samplers`) with its keyword
-        ``sampler_options`` or ``schedule`` (:data:`svd_jax.scheduler.SCHEDULE_KINDS`) say otherwise; the noise
-        the stochastic samplers add is drawn per video from ``seed``. ``cache_interval`` N > 1 runs the whole
-        UNet every N evaluations and only its shallow branch in between (:mod:`svd_jax.step_cache`).
-
-        ``latents`` (unit variance; scaled by the schedule here) replaces the noise drawn from ``seed``.
-        ``callback_on_step_end(step, sigma, latents)`` runs after every step with an array it may keep; returning
-        an array replaces the latents. ``progress``: a bar that advances as steps finish (``False``: none;
-        ``"verbose"``: also each step's time)."""
-        samplers.check_sampler(sampler)
-        guided, batch = conditioning.guided, conditioning.num_videos
-        if num_frames is None:
-            num_frames = (latents.shape[1] if latents is not None and np.ndim(latents) == 5
-                          else len(conditioning.guidance_scales) if guided else self.models.unet.config.num_frames)
-        positive_int(num_frames, "num_frames")
-        if guided and len(conditioning.guidance_scales) != num_frames:
-            raise ValueError(f"the conditioning's guidance scales are for {len(conditioning.guidance_scales)} "
-                             f"frames, not num_frames={num_frames}")
-        if sigmas is None:
-            num_inference_steps = self._settings(num_inference_steps=num_inference_steps)["num_inference_steps"]
-            positive_int(num_inference_steps, "num_inference_steps")
-        sched = scheduler.schedule(num_steps=None if sigmas is not None else num_inference_steps, sigmas=sigmas,
-                                   kind=schedule)
-        chosen = seeds(seed, batch)
-        latent_shape = (num_frames, *conditioning.image_latents.shape[1:3], self.models.unet.config.out_channels)
-        if latents is not None:
-            noise = _checked_array(latents, (batch, *latent_shape), "latents")
-        else:
-            noise = _seeded_noise(chosen, latent_shape, 1)
-        x = sharding.place_rows(noise * jnp.float32(sched.init_noise_sigma), self.mesh)
-        if sampler != "euler" or sampler_options or cache_interval != 1:
-            denoiser = (self.denoiser(conditioning) if cache_interval == 1 else
-                        CachedDenoiser(*self._split(self.models.unet, "unet"), conditioning, cache_interval, self.mesh))
-            with stage("sampling", "num_frames, height and width, or the number of images"):
-                x = self._sample_with(sampler, denoiser, x, sched.sigmas, chosen, sampler_options,
-                                      callback_on_step_end, progress)
-            check_finite(x, "the sampled latents")
-            return x
-        denoiser = self.denoiser(conditioning)
-        with stage("sampling", "num_frames, height and width, or the number of images"), \
-                StepBar(sched.num_steps, "denoising", enabled=bool(progress), verbose=progress == "verbose") as bar:
-            for i in range(sched.num_steps):
-                x = denoiser.euler_step(x, sched.sigmas[i], sched.sigmas[i + 1], sched.timesteps[i])
-                bar.step_done(x)
-                if callback_on_step_end is not None:
-                    replaced = callback_on_step_end(i, float(sched.sigmas[i]), x)
-                    # The step donates its input: give it a copy, never an array the callback may have kept (one
-                    # compiled step either way; a copy of the latents is small next to a UNet evaluation).
-                    x = x if replaced is None else _checked_array(replaced, x.shape,
-                                                                   "latents returned by callback_on_step_end")
-                    x = sharding.place_rows(jnp.array(x, copy=True), self.mesh)
-        check_finite(x, "the sampled latents")
-        return x
-
-    def _sample_with(self, name: str, denoiser, x, sigmas, chosen_seeds, options, callback_on_step_end,
-                     progress: bool | str):
-        """:func:`svd_jax.samplers.sample` with the progress bar, the step callback and noise keys per video."""
-        with StepBar(len(sigmas) - 1, "denoising", enabled=bool(progress), verbose=progress == "verbose") as bar:
-
-            def after_step(i, sigma, x):
-                bar.step_done(x)
-                replaced = None if callback_on_step_end is None else callback_on_step_end(i, sigma, x)
-                if replaced is None:
-                    return None
-                replaced = _checked_array(replaced, x.shape, "latents returned by callback_on_step_end")
-                return sharding.place_rows(replaced, self.mesh)
-
-            options = dict(options or {})
-            # each video's own stream, apart from its augmentation and latent noise (parts 0 and 1 of its key)
-            options.setdefault("key", [jax.random.fold_in(seed_key(s), 2) for s in chosen_seeds])
-            return samplers.sample(name, denoiser, x, sigmas, callback=after_step, **options)
 
     def decode(self, latents, decode_chunk_size: int | None = None, output_type: str = "np"):
         """Frames ``[B, F, H, W, 3]`` from the sampler's latents, ``decode_chunk_size`` frames per VAE call
@@ -294,8 +211,11 @@ class Pipeline:
                  decode_chunk_size: int | None = None, seed: int | Sequence[int] | None = None, latents=None,
                  noise=None, output_type: str = "np", callback_on_step_end: Callable | None = None,
                  progress: bool | str = True, sampler: str = "euler", schedule: str = "karras",
-                 sampler_options: dict | None = None, cache_interval: int = 1):
-        """:meth:`encode_conditioning`, :meth:`sample` and :meth:`decode` in turn; see :func:`generate`."""
+                 sampler_options: dict | None = None, cache_interval: int = 1, last_image=None,
+                 loop: bool = False, keyframe_guidance_scale: float = 1.0, cfg_pp: bool = True,
+                 window_size: int | None = None, window_stride: int | None = None):
+        """:meth:`encode_conditioning`, :meth:`sample` (or :meth:`sample_keyframes`, :meth:`sample_windowed`) and
+        :meth:`decode` in turn; see :func:`generate`."""
         unet_config, vae_scale = self.models.unet.config, self.models.vae.config.downsample_factor
         size = self._settings(height=height, width=width, num_frames=num_frames,
                               num_inference_steps=num_inference_steps)
@@ -312,49 +232,47 @@ class Pipeline:
         images = _images(image)
         chosen = seeds(seed, len(images))
         if latents is not None:
-            latents = _checked_array(latents, (len(images), num_frames, height // vae_scale, width // vae_scale,
+            latents = checked_array(latents, (len(images), num_frames, height // vae_scale, width // vae_scale,
                                                unet_config.out_channels), "latents")
-        cond = self.encode_conditioning(images, height=height, width=width, num_frames=num_frames,
-                                        min_guidance_scale=min_guidance_scale, max_guidance_scale=max_guidance_scale,
-                                        guidance=guidance, fps=fps, motion_bucket_id=motion_bucket_id,
-                                        noise_aug_strength=noise_aug_strength, seed=chosen, noise=noise)
-        x = self.sample(cond, num_frames=num_frames, num_inference_steps=num_inference_steps, sigmas=sigmas,
-                        seed=chosen, latents=latents, callback_on_step_end=callback_on_step_end, progress=progress,
-                        sampler=sampler, schedule=schedule, sampler_options=sampler_options,
-                        cache_interval=cache_interval)
+        encode = functools.partial(self.encode_conditioning, height=height, width=width, guidance=guidance, fps=fps,
+                                   motion_bucket_id=motion_bucket_id, noise_aug_strength=noise_aug_strength,
+                                   seed=chosen, noise=noise)
+        steps = dict(num_inference_steps=num_inference_steps, sigmas=sigmas, seed=chosen, latents=latents,
+                     callback_on_step_end=callback_on_step_end, progress=progress, schedule=schedule)
+        if loop or last_image is not None:
+            if loop and last_image is not None:
+                raise ValueError("loop=True ends on the start image: pass last_image or loop, not both")
+            if sampler != "euler" or sampler_options or cache_interval != 1 or window_size is not None:
+                raise ValueError("keyframe sampling (last_image, loop) runs its own bidirectional Euler sampler: "
+                                 "sampler, sampler_options, cache_interval and window_size do not apply")
+            ends = images if loop else _images(last_image)
+            if len(ends) != len(images):
+                raise ValueError(f"got {len(ends)} last images for {len(images)} images")
+            # the keyframe sampler combines the [uncond, cond] rows itself, at keyframe_guidance_scale: any
+            # max_guidance_scale > 1 only asks for both rows here
+            start, end = (encode(ims, min_guidance_scale=1.0, max_guidance_scale=2.0, num_frames=num_frames)
+                          for ims in (images, ends))
+            x = self.sample_keyframes(start, end, self.encode_latents(images, height=height, width=width),
+                                      self.encode_latents(ends, height=height, width=width),
+                                      guidance_scale=keyframe_guidance_scale, cfg_pp=cfg_pp, **steps)
+        elif window_size is not None:
+            if cache_interval != 1:
+                raise ValueError("cache_interval does not apply to windowed sampling (window_size)")
+            cond = encode(images, min_guidance_scale=min_guidance_scale, max_guidance_scale=max_guidance_scale,
+                          num_frames=positive_int(window_size, "window_size"))
+            x = self.sample_windowed(cond, num_frames=num_frames, window_size=window_size, window_stride=window_stride,
+                                     sampler=sampler, sampler_options=sampler_options, **steps)
+        else:
+            cond = encode(images, min_guidance_scale=min_guidance_scale, max_guidance_scale=max_guidance_scale,
+                          num_frames=num_frames)
+            x = self.sample(cond, num_frames=num_frames, sampler=sampler, sampler_options=sampler_options,
+                            cache_interval=cache_interval, **steps)
         if output_type == "latent":
             return x
         return self.decode(x, decode_chunk_size, output_type)
 
 
-def generate(
-    image,
-    model: SVDModels,
-    *,
-    height: int | None = None,
-    width: int | None = None,
-    num_frames: int | None = None,
-    num_inference_steps: int | None = None,
-    sigmas: Sequence[float] | None = None,
-    min_guidance_scale: float = 1.0,
-    max_guidance_scale: float = 3.0,
-    guidance: str = "linear",
-    fps: int = 7,
-    motion_bucket_id: int = 127,
-    noise_aug_strength: float = 0.02,
-    decode_chunk_size: int | None = None,
-    seed: int | Sequence[int] | None = None,
-    latents=None,
-    noise=None,
-    output_type: str = "np",
-    callback_on_step_end: Callable | None = None,
-    progress: bool | str = True,
-    mesh: Mesh | None = None,
-    sampler: str = "euler",
-    schedule: str = "karras",
-    sampler_options: dict | None = None,
-    cache_interval: int = 1,
-):
+def generate(image, model: SVDModels, *, mesh: Mesh | None = None, **options):
     """Generate videos from images; names and defaults as diffusers' ``StableVideoDiffusionPipeline``.
 
     ``image``: a path, PIL image or numpy array, or a list of them (one video each). ``height``, ``width``,
@@ -371,13 +289,21 @@ def generate(
     one device's. ``sampler`` (``"euler"``, ``"heun"``, ``"euler_ancestral"``, ``"dpmpp_2s_ancestral"``,
     ``"dpmpp_2m"``, ``"lms"``, ``"lcm"``) with ``sampler_options`` (k-diffusion's, e.g. ``s_churn``),
     ``schedule`` (``"karras"``, ``"ays"``, ``"exponential"``, ``"polyexponential"``, ``"animatelcm"``) and
-    ``cache_interval`` (step caching): see :meth:`Pipeline.sample`. A thin wrapper over a :class:`Pipeline` made for this call: keep a ``Pipeline`` instead for
+    ``cache_interval`` (step caching): see :meth:`Pipeline.sample`. ``last_image`` (one per image) makes a video
+    from ``image`` to ``last_image`` by bidirectional keyframe sampling (:mod:`svd_jax.keyframes`; two UNet
+    evaluations per step), ``loop=True`` one that returns to ``image``; their guidance is one
+    ``keyframe_guidance_scale`` on every frame, CFG++ (``cfg_pp``) by default, and ``min/max_guidance_scale`` do
+    not apply. ``window_size`` (e.g. the UNet's trained count, for ``num_frames`` beyond it) samples overlapping
+    windows of that many frames together, one every ``window_stride`` frames (default: half a window), fused at
+    every step (:mod:`svd_jax.long_video`); without it all frames are one window, as diffusers does. A thin wrapper over a :class:`Pipeline` made for this call: keep a ``Pipeline`` instead for
     repeated calls with a mesh or half-precision weights, so what it prepares is reused.
     """
-    return Pipeline(model, mesh)(
-        image, height=height, width=width, num_frames=num_frames, num_inference_steps=num_inference_steps,
-        sigmas=sigmas, min_guidance_scale=min_guidance_scale, max_guidance_scale=max_guidance_scale,
-        guidance=guidance, fps=fps, motion_bucket_id=motion_bucket_id, noise_aug_strength=noise_aug_strength,
-        decode_chunk_size=decode_chunk_size, seed=seed, latents=latents, noise=noise, output_type=output_type,
-        callback_on_step_end=callback_on_step_end, progress=progress, sampler=sampler, schedule=schedule,
-        sampler_options=sampler_options, cache_interval=cache_interval)
+    return Pipeline(model, mesh)(image, **options)
+
+
+# generate takes exactly Pipeline.__call__'s arguments (plus the model and mesh): show them in help() and IDEs
+generate.__signature__ = inspect.Signature(
+    [inspect.Parameter("image", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+     inspect.Parameter("model", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=SVDModels),
+     *list(inspect.signature(Pipeline.__call__).parameters.values())[2:],
+     inspect.Parameter("mesh", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Mesh | None)])

@@ -22,7 +22,12 @@ from PIL import Image
 from svd_jax.errors import os_error_line
 from svd_jax.store import atomic_dir, scratch_path
 
+<<<<<<< HEAD
 __all__ = ["FILE_FORMATS", "check_destination", "check_format", "discard_partial", "frames_to_uint8", "save_video", "write_settings"]
+=======
+__all__ = ["FILE_FORMATS", "check_destination", "discard_partial", "frames_to_uint8", "open_video", "read_video",
+           "save_video", "write_settings"]
+>>>>>>> 91ac801 (Keyframes, loops and long videos: bidirectional (ViBiDSampler, CFG++) keyframe sampling, loop=True, windowed long videos with FreeNoise noise, svd_jax.extend and svd-jax extend)
 
 FILE_FORMATS = (".mp4", ".gif", ".webp")
 H264_CRF = 18  # x264 constant-rate factor: 18 is visually near-lossless; imageio's default is 25.
@@ -207,3 +212,42 @@ def save_video(frames, path: str | os.PathLike, fps: float = 7) -> Path:
             raise type(e)(line.replace(str(temporary), str(final))) from e
         raise
     return final
+
+
+def open_video(path):
+    """imageio's ffmpeg reader for ``path``. imageio-ffmpeg starts ffmpeg with ``preexec_fn=os.setpgrp`` (to keep
+    Ctrl-C from it) unless ``IMAGEIO_FFMPEG_NO_PREVENT_SIGINT`` is set; a ``preexec_fn`` makes Python fork the
+    whole multithreaded process and run Python code in the child, which can deadlock with JAX's threads (JAX warns
+    on every such fork). With the variable set (unless the user set it), ffmpeg is started without running Python
+    in the child, and receives Ctrl-C with the training it serves."""
+    import imageio.v2 as imageio
+
+    os.environ.setdefault("IMAGEIO_FFMPEG_NO_PREVENT_SIGINT", "1")
+    return imageio.get_reader(path, format="ffmpeg")
+
+
+def read_video(path) -> np.ndarray:
+    """The frames ``[F, H, W, 3]`` (uint8 RGB) of a video: a file ffmpeg reads (.mp4, .webm, ...), an animated
+    .gif or .webp, or a folder of frame images in name order (as :func:`save_video` writes them)."""
+    path = Path(path)
+    try:
+        if path.is_dir():
+            files = sorted(f for f in path.iterdir() if f.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+            if not files:
+                raise ValueError(f"{path}: no frame images in the folder")
+            frames = [np.asarray(Image.open(f).convert("RGB")) for f in files]
+        elif path.suffix.lower() in (".gif", ".webp"):
+            from PIL import ImageSequence
+
+            with Image.open(path) as image:
+                frames = [np.asarray(frame.convert("RGB")) for frame in ImageSequence.Iterator(image)]
+        else:
+            with open_video(path) as reader:
+                frames = [np.asarray(frame)[..., :3] for frame in reader]
+    except ValueError:
+        raise
+    except Exception as e:  # PIL, imageio and ffmpeg raise many types for unreadable files
+        raise ValueError(f"{path}: cannot read the video ({type(e).__name__}: {e})") from None
+    if not frames or any(f.shape != frames[0].shape for f in frames):
+        raise ValueError(f"{path}: no frames, or frames of different sizes")
+    return np.stack(frames).astype(np.uint8)

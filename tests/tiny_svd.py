@@ -29,3 +29,23 @@ def tiny_pipeline(seed=0):
     return StableVideoDiffusionPipeline(vae=vae, image_encoder=image_encoder, unet=unet,
                                         scheduler=EulerDiscreteScheduler(**SVD_SCHEDULER),
                                         feature_extractor=CLIPImageProcessor(crop_size=224, size=224))
+
+
+def random_image(seed, height=36, width=44):
+    """A PIL image of uniform random pixels."""
+    import numpy as np
+    import PIL.Image
+
+    return PIL.Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def tiny_reference_and_pipeline(root):
+    """The tiny diffusers UNet, and an ``svd_jax.Pipeline`` (float32) of the whole tiny pipeline converted from
+    diffusers through the real converter into ``root``."""
+    import svd_jax
+    from parity import convert_inprocess
+
+    reference = tiny_pipeline()
+    reference.save_pretrained(root / "diffusers")
+    convert_inprocess(root / "diffusers", root / "converted", "--no-hash")
+    return reference.unet, svd_jax.Pipeline(svd_jax.load(root / "converted", policy=svd_jax.Policy.float32()))

@@ -19,7 +19,6 @@ import concurrent.futures
 import dataclasses
 import functools
 import json
-import os
 import warnings
 from pathlib import Path
 from typing import Iterator, NamedTuple
@@ -28,6 +27,7 @@ import numpy as np
 import PIL.Image
 
 from svd_jax.train.config import DataConfig
+from svd_jax.video import open_video
 
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv", ".avi")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -71,18 +71,6 @@ def _open_rgb(path: Path) -> PIL.Image.Image:
             return image.convert("RGB")
     except (OSError, ValueError) as e:
         raise ValueError(f"{path}: cannot read the frame ({e})") from None
-
-
-def open_video(path: Path):
-    """imageio's ffmpeg reader for ``path``. imageio-ffmpeg starts ffmpeg with ``preexec_fn=os.setpgrp`` (to keep
-    Ctrl-C from it) unless ``IMAGEIO_FFMPEG_NO_PREVENT_SIGINT`` is set; a ``preexec_fn`` makes Python fork the
-    whole multithreaded process and run Python code in the child, which can deadlock with JAX's threads (JAX warns
-    on every such fork). With the variable set (unless the user set it), ffmpeg is started without running Python
-    in the child, and receives Ctrl-C with the training it serves."""
-    import imageio.v2 as imageio
-
-    os.environ.setdefault("IMAGEIO_FFMPEG_NO_PREVENT_SIGINT", "1")
-    return imageio.get_reader(path, format="ffmpeg")
 
 
 def _video_info(path: Path) -> tuple[int, float]:
