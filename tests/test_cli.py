@@ -98,3 +98,21 @@ def test_converted_folder_missing_a_component(tmp_path, image):
     convert_inprocess(tmp_path / "image_encoder", tmp_path / "only-clip", "--no-hash")
     result = run(image, "-o", tmp_path / "x.mp4", "--model", tmp_path / "only-clip")
     assert result.returncode == 2 and "has no unet, vae" in result.stderr, result.stderr
+
+
+def test_tiny_loop_and_extend(tmp_path, image):
+    looped = tmp_path / "loop.gif"
+    result = run(image, "-o", looped, "--model", "tiny", "--loop", "--seed", "1", "--num-inference-steps", "1")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads((tmp_path / "loop.gif.json").read_text())["loop"] is True
+    longer = tmp_path / "longer.gif"
+    extended = subprocess.run([sys.executable, "-m", "svd_jax.cli", "extend", str(looped), "-o", str(longer),
+                               "--frames", "3", "--model", "tiny", "--num-inference-steps", "1", "--seed", "2"],
+                              cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert extended.returncode == 0, extended.stderr[-2000:]
+    with PIL.Image.open(longer) as gif:
+        assert gif.n_frames == 4 + 3
+    missing = subprocess.run([sys.executable, "-m", "svd_jax.cli", "extend", str(tmp_path / "none.mp4"), "-o",
+                              str(tmp_path / "x.gif"), "--frames", "2", "--model", "tiny"],
+                             cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert missing.returncode == 2 and missing.stderr.strip().startswith("error:") and not (tmp_path / "x.gif").exists()
