@@ -93,8 +93,8 @@ def add_generation_options(g: argparse.ArgumentParser) -> argparse.ArgumentParse
     g.add_argument("--keyframe-guidance-scale", type=float, help="with --last-image or --loop: the guidance "
                    "scale on every frame, CFG++ (default: 1.0)")
     g.add_argument("--window-size", type=int, help="sample overlapping windows of this many frames together, "
-                   "for --num-frames beyond the UNet's trained count (default: the trained count when "
-                   "--num-frames exceeds it, else one window of all frames)")
+                   "for --num-frames beyond the UNet's trained count (default: the trained count when a "
+                   "--num-frames given exceeds it, else one window of all frames)")
     g.add_argument("--window-stride", type=int, help="frames between the starts of two windows (default: half a "
                    "window)")
     g.add_argument("--seed", type=int, help="random seed; the same seed and settings give the same video "
@@ -138,9 +138,9 @@ def _prepare(args: argparse.Namespace):
     if args.loop:
         options["loop"] = True
     trained = configs["unet"].num_frames
-    if (options["num_frames"] > trained and options.get("window_size") is None and args.last_image is None
-            and not args.loop):
-        options["window_size"] = trained  # a long video: windows of the trained length, not one long pass
+    if (args.num_frames is not None and args.num_frames > trained and options.get("window_size") is None
+            and args.last_image is None and not args.loop):
+        options["window_size"] = trained  # a long video asked for: windows of the trained length, not one pass
     with warnings.catch_warnings():  # only the errors here; generate warns about untrained values itself
         warnings.simplefilter("ignore")
         check_conditioning(options.get("fps", 7), options.get("motion_bucket_id", 127),
