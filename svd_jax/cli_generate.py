@@ -38,6 +38,10 @@ def add_arguments(g: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("-o", "--output", required=True, help="OUT.mp4, .gif, .webp, or a folder for png frames; the "
                    "settings (seed included) go to OUT.mp4.json next to it (required, no default)")
     add_generation_options(g)
+    g.add_argument("--last-image", help="an end keyframe: the video goes from IMAGE to this image "
+                   "(bidirectional keyframe sampling, two UNet evaluations per step; default: none)")
+    g.add_argument("--loop", action="store_true", help="a video that returns to IMAGE at its end (keyframe "
+                   "sampling with IMAGE as the end keyframe)")
     g.add_argument("-v", "--verbose", action="store_true", help="print each denoising step's time under the "
                    "progress bar (the first includes compiling the step)")
     g.add_argument("--ignore-memory-estimate", action="store_true", help="run even when the size asked for needs "
@@ -86,10 +90,6 @@ def add_generation_options(g: argparse.ArgumentParser) -> argparse.ArgumentParse
                    "animatelcm (default: the preset's, else karras)")
     g.add_argument("--cache-interval", type=int, help="step caching: the whole UNet every N evaluations, its "
                    "shallow branch in between (fewer FLOPs, approximate; default: 1, no caching)")
-    g.add_argument("--last-image", help="an end keyframe: the video goes from IMAGE to this image "
-                   "(bidirectional keyframe sampling, two UNet evaluations per step; default: none)")
-    g.add_argument("--loop", action="store_true", help="a video that returns to IMAGE at its end (keyframe "
-                   "sampling with IMAGE as the end keyframe)")
     g.add_argument("--keyframe-guidance-scale", type=float, help="with --last-image or --loop: the guidance "
                    "scale on every frame, CFG++ (default: 1.0)")
     g.add_argument("--window-size", type=int, help="sample overlapping windows of this many frames together, "
