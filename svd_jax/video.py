@@ -22,12 +22,8 @@ from PIL import Image
 from svd_jax.errors import os_error_line
 from svd_jax.store import atomic_dir, scratch_path
 
-<<<<<<< HEAD
-__all__ = ["FILE_FORMATS", "check_destination", "check_format", "discard_partial", "frames_to_uint8", "save_video", "write_settings"]
-=======
-__all__ = ["FILE_FORMATS", "check_destination", "discard_partial", "frames_to_uint8", "open_video", "read_video",
-           "save_video", "write_settings"]
->>>>>>> 91ac801 (Keyframes, loops and long videos: bidirectional (ViBiDSampler, CFG++) keyframe sampling, loop=True, windowed long videos with FreeNoise noise, svd_jax.extend and svd-jax extend)
+__all__ = ["FILE_FORMATS", "check_destination", "check_format", "discard_partial", "frames_to_uint8", "open_video",
+           "read_video", "save_video", "write_settings"]
 
 FILE_FORMATS = (".mp4", ".gif", ".webp")
 H264_CRF = 18  # x264 constant-rate factor: 18 is visually near-lossless; imageio's default is 25.
