@@ -215,13 +215,15 @@ def _advice(plan: GenerationPlan) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--target", required=True,
                         help="tpu:CHIP:TOPOLOGY (chips v4, v5e, v5p, v6e; e.g. tpu:v5e:2x2, tpu:v5p:2x2x1), "
-                             "gpu or cpu (the local devices)")
-    parser.add_argument("--devices", type=int, help="use only the target's first N devices (e.g. 1 chip of a host)")
+                             "gpu or cpu (the local devices) (required, no default)")
+    parser.add_argument("--devices", type=int, help="use only the target's first N devices (e.g. 1 chip of a host; "
+                        "default: all of them)")
     parser.add_argument("--model", default="svd_xt", choices=compile_plan.MODELS, help="architecture (no weights)")
-    parser.add_argument("--policy", default="bfloat16", choices=list(compile_plan.POLICIES))
+    parser.add_argument("--policy", default="bfloat16", choices=list(compile_plan.POLICIES),
+                        help="numerics the programs are compiled in")
     parser.add_argument("--num-frames", type=int, help="default: the model's trained frame count")
-    parser.add_argument("--height", type=int, default=576)
-    parser.add_argument("--width", type=int, default=1024)
+    parser.add_argument("--height", type=int, default=576, help="frame height in pixels")
+    parser.add_argument("--width", type=int, default=1024, help="frame width in pixels")
     parser.add_argument("--batch", type=int, default=1, help="videos generated together")
     parser.add_argument("--no-guidance", action="store_true", help="max_guidance_scale <= 1: no unconditional half")
     parser.add_argument("--shard-params", action="store_true", help="split parameters across the mesh (FSDP)")
@@ -229,7 +231,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--no-decode", action="store_true", help="compile the denoising step only")
     parser.add_argument("--quick", action="store_true",
                         help="XLA's lowest optimisation effort: compiles several times faster; figures less exact")
-    parser.add_argument("--json", type=Path, help="also write the report to this JSON file")
+    parser.add_argument("--json", type=Path, help="also write the report to this JSON file (default: none)")
     return parser
 
 
