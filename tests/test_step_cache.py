@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 import svd_jax
-from svd_jax import pipeline, samplers, scheduler, step_cache
+from svd_jax import samplers, sampling, scheduler, step_cache
 from svd_jax.step_cache import CachedDenoiser
 
 ARGS = dict(num_frames=2, height=32, width=32, seed=0, progress=False, output_type="latent")
@@ -73,7 +73,7 @@ def test_generate_with_cache_interval(tiny, monkeypatch):
             super().__init__(*args, **kwargs)
             made.append(self)
 
-    monkeypatch.setattr(pipeline, "CachedDenoiser", Counted)
+    monkeypatch.setattr(sampling, "CachedDenoiser", Counted)  # the pipeline samples in svd_jax.sampling
     out = svd_jax.generate(IMAGE, models, num_inference_steps=4, cache_interval=3, **ARGS)
     assert len(made) == 1 and (made[0].full_evaluations, made[0].shallow_evaluations) == (2, 2)
     assert out.shape == (1, 2, 16, 16, 4) and np.isfinite(np.asarray(out)).all()
