@@ -166,9 +166,9 @@ def main(argv=None) -> int:
         if not source.is_file():
             start = time.perf_counter()
             shapes = original_svd_xt_shapes()
-            results.log("original_file_tensors", len(shapes))
-            results.log("original_file_GiB", round(write_random_file(source, shapes) / 2 ** 30, 3))
-            results.log("original_file_written_s", round(time.perf_counter() - start, 1))
+            results.log(None, "original_file_tensors", len(shapes))
+            results.log(None, "original_file_GiB", round(write_random_file(source, shapes) / 2 ** 30, 3))
+            results.log(None, "original_file_written_s", round(time.perf_counter() - start, 1))
         python = [sys.executable]
         steps = [
             ("convert_original", python + ["-m", "convert", str(source), str(scratch / "converted"), "--force"]),
@@ -181,13 +181,13 @@ def main(argv=None) -> int:
         for name, command in steps:
             figures = measured_run(command)
             figures.pop("output")
-            results.log(name, figures)
+            results.log(None, name, figures)
         shutil.rmtree(scratch / "diffusers")
         shutil.rmtree(scratch / "converted_diffusers")
         figures = measured_run(python + [__file__, "--scratch", str(scratch), "--load-child",
                                          str(scratch / "converted"), "--load-components", args.load_components])
         figures["peak_rss_with_digest_GiB"] = figures.pop("peak_rss_GiB")
-        results.log("load_float32", {**json.loads(figures.pop("output").strip().splitlines()[-1]), **figures})
+        results.log(None, "load_float32", {**json.loads(figures.pop("output").strip().splitlines()[-1]), **figures})
     finally:
         if not args.keep:
             shutil.rmtree(scratch, ignore_errors=True)
