@@ -63,11 +63,7 @@ class Sampling:
         if guided and len(conditioning.guidance_scales) != num_frames:
             raise ValueError(f"the conditioning's guidance scales are for {len(conditioning.guidance_scales)} "
                              f"frames, not num_frames={num_frames}")
-        if sigmas is None:
-            num_inference_steps = self._settings(num_inference_steps=num_inference_steps)["num_inference_steps"]
-            positive_int(num_inference_steps, "num_inference_steps")
-        sched = scheduler.schedule(num_steps=None if sigmas is not None else num_inference_steps, sigmas=sigmas,
-                                   kind=schedule)
+        sched = self._schedule(num_inference_steps, sigmas, schedule)
         chosen = seeds(seed, batch)
         latent_shape = (num_frames, *conditioning.image_latents.shape[1:3], self.models.unet.config.out_channels)
         if latents is not None:
