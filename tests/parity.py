@@ -107,3 +107,14 @@ def load_k_diffusion_sampling():
     sys.modules.setdefault("k_diffusion.utils", utils)
     package.utils = sys.modules["k_diffusion.utils"]
     return importlib.import_module("k_diffusion.sampling")
+
+
+def tiny_clip_folder(root: Path) -> Path:
+    """A tiny random transformers ``image_encoder`` folder (CLIP vision tower with projection) under ``root``."""
+    from transformers import CLIPVisionConfig as HFCLIPVisionConfig, CLIPVisionModelWithProjection
+
+    folder = root / "image_encoder"
+    config = HFCLIPVisionConfig(hidden_size=32, intermediate_size=37, projection_dim=24, num_hidden_layers=2,
+                                num_attention_heads=4, image_size=30, patch_size=10)
+    randomize(CLIPVisionModelWithProjection(config)).save_pretrained(folder)
+    return folder

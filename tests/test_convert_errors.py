@@ -4,21 +4,14 @@ import numpy as np
 import pytest
 import torch
 from safetensors.numpy import save_file
-from transformers import CLIPVisionConfig as HFCLIPVisionConfig
-from transformers import CLIPVisionModelWithProjection
 
 from convert.__main__ import main
-from parity import convert_cli, randomize
+from parity import convert_cli, tiny_clip_folder
 
 
 @pytest.fixture(scope="module")
 def clip_folder(tmp_path_factory):
-    """A tiny transformers image_encoder folder."""
-    folder = tmp_path_factory.mktemp("src") / "image_encoder"
-    config = HFCLIPVisionConfig(hidden_size=32, intermediate_size=37, projection_dim=24, num_hidden_layers=2,
-                                num_attention_heads=4, image_size=30, patch_size=10)
-    randomize(CLIPVisionModelWithProjection(config)).save_pretrained(folder)
-    return folder
+    return tiny_clip_folder(tmp_path_factory.mktemp("src"))
 
 
 def run_main(capsys, *args):

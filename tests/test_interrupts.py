@@ -9,11 +9,9 @@ import socket
 import time
 
 import pytest
-from transformers import CLIPVisionConfig as HFCLIPVisionConfig
-from transformers import CLIPVisionModelWithProjection
 
 from faults import finish, leftovers, start, wait_for_line
-from parity import randomize
+from parity import tiny_clip_folder
 
 CONVERT = ("import sys\nimport svd_jax.checkpoint\n{pause}\nfrom convert.__main__ import main\n"
            "sys.exit(main(sys.argv[1:]))\n")
@@ -21,11 +19,7 @@ CONVERT = ("import sys\nimport svd_jax.checkpoint\n{pause}\nfrom convert.__main_
 
 @pytest.fixture(scope="module")
 def clip_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("src") / "image_encoder"
-    config = HFCLIPVisionConfig(hidden_size=32, intermediate_size=37, projection_dim=24, num_hidden_layers=2,
-                                num_attention_heads=4, image_size=30, patch_size=10)
-    randomize(CLIPVisionModelWithProjection(config)).save_pretrained(folder)
-    return folder
+    return tiny_clip_folder(tmp_path_factory.mktemp("src"))
 
 
 def test_sigint_during_conversion(tmp_path, clip_folder):
