@@ -32,6 +32,7 @@ from svd_jax import preprocess, sharding, video
 from svd_jax.loader import SVDModels
 from svd_jax.pipeline import Pipeline
 from svd_jax.progress import progress_bar
+from svd_jax.store import remove_stale_scratch
 
 __all__ = ["Job", "BatchSummary", "batch", "read_jobs", "process_share", "SETTING_NAMES", "SUMMARY_NAME"]
 
@@ -202,6 +203,7 @@ def batch(jobs: Sequence[Job] | str | os.PathLike, models_or_pipeline: SVDModels
     batch_size = batch_size or jax.local_device_count()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_scratch(out_dir)  # what killed runs left here
     summary, pending = BatchSummary(), []
     for job in process_share(jobs, index, count):
         target = out_dir / job.output

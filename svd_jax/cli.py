@@ -102,7 +102,8 @@ def _clean(args: argparse.Namespace) -> int:
     from svd_jax.store import remove_stale_scratch
     from svd_jax.loader import cache_dir
 
-    folders = [Path(f) for f in args.folders] or [Path.cwd(), cache_dir() / "converted"]
+    converted = cache_dir() / "converted"
+    folders = [Path(f) for f in args.folders] or [Path.cwd(), converted, converted / ".sha256"]
     removed = [path for folder in folders for path in remove_stale_scratch(folder)]
     for path in removed:
         print(f"removed {path}")

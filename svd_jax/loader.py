@@ -25,7 +25,7 @@ from svd_jax.configs import CLIPVisionConfig, UNetConfig, VAEConfig, config_from
 from svd_jax.errors import stage
 from svd_jax.policy import Policy
 from svd_jax.store import (FORMAT_VERSION, MANIFEST, READABLE_VERSIONS, component_sha256, hash_file,  # noqa: F401
-                           read_config, read_manifest, verify_component)
+                           read_config, read_manifest, scratch_path, verify_component)
 
 TINY = "tiny"
 # What is fetched from a diffusers repo on the Hub: configs and the weights of the three components.
@@ -93,7 +93,7 @@ def _file_sha256(path: Path, memo: Path) -> str:
         return remembered.read_text().strip()
     digest = hash_file(path)
     memo.mkdir(parents=True, exist_ok=True)
-    partial = remembered.with_name(f".{remembered.name}.{os.getpid()}")
+    partial = scratch_path(remembered)
     partial.write_text(digest.hexdigest())
     partial.replace(remembered)
     return digest.hexdigest()

@@ -36,6 +36,7 @@ import numpy as np
 from flax import nnx
 
 from svd_jax.checkpoint import path_key
+from svd_jax.store import scratch_path
 
 # Named target groups (a regular expression each, searched in the linear layer's dotted path). The spatial
 # transformer blocks are ``transformer_blocks``; the temporal ones ``temporal_transformer_blocks``.
@@ -244,7 +245,7 @@ def save_adapters(path, model, settings: dict | None = None, base: dict | None =
                 SETTINGS_KEY: json.dumps(settings or {}, sort_keys=True),
                 BASE_KEY: json.dumps(base or {}, sort_keys=True)}
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    tmp = scratch_path(path)
     try:
         save_file(tensors, str(tmp), metadata=metadata)
         os.replace(tmp, path)

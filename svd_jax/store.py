@@ -9,9 +9,11 @@ A converted folder (from the converter, :func:`svd_jax.train.checkpoints.save_mo
     <component>/config.json  a :mod:`svd_jax.configs` dataclass
     <component>/params/      an orbax checkpoint of ``{dotted.path: array}`` (:mod:`svd_jax.checkpoint`)
 
-A folder is written into a hidden sibling named after the writing host and process, then renamed into place, so
-a failed or killed write leaves no partial destination, an existing destination is replaced only by a complete
-new one, and a later run can tell a dead process's leftover from a live one's (:func:`remove_stale_scratch`).
+A folder (and a video or settings file, :mod:`svd_jax.video`) is written into a hidden sibling named after the
+writing host and process (:func:`scratch_path`), then renamed into place, so a failed or killed write leaves no
+partial destination, an existing destination is replaced only by a complete new one, and a later run can tell a
+dead process's leftover from a live one's (:func:`remove_stale_scratch`, which every write into a folder and
+``svd-jax clean`` call).
 """
 
 from __future__ import annotations
@@ -42,14 +44,18 @@ READABLE_VERSIONS = ("1", "2")
 
 # ---- writing a folder atomically --------------------------------------------------------------------------
 
-_SCRATCH = re.compile(r"^\..+\.(?:partial|old)-(?:(?P<host>.+)-)?(?P<pid>\d+)$")
+# ``.NAME.partial-HOST-PID`` or ``.NAME.old-HOST-PID``, with the destination's extension after it for a file
+# whose writer picks the format by it (``.clip.mp4.partial-HOST-PID.mp4``); names without HOST are older ones.
+_SCRATCH = re.compile(r"^\..+\.(?:partial|old)-(?:(?P<host>.+)-)?(?P<pid>\d+)(?:\.[A-Za-z][A-Za-z0-9]*)?$")
 
 
-def scratch_path(destination: Path, role: str = "partial") -> Path:
+def scratch_path(destination: Path, role: str = "partial", keep_suffix: bool = False) -> Path:
     """The hidden sibling of ``destination`` this process writes (``role`` "partial") or moves an old destination
-    to ("old")."""
+    to ("old"); ``keep_suffix`` ends it with the destination's extension (for ffmpeg and PIL, which choose the
+    format by it)."""
     destination = Path(destination)
-    return destination.parent / f".{destination.name}.{role}-{socket.gethostname()}-{os.getpid()}"
+    suffix = destination.suffix if keep_suffix else ""
+    return destination.parent / f".{destination.name}.{role}-{socket.gethostname()}-{os.getpid()}{suffix}"
 
 
 def _alive(pid: int) -> bool:
@@ -63,10 +69,11 @@ def _alive(pid: int) -> bool:
 
 
 def remove_stale_scratch(folder: Path) -> list[Path]:
-    """Remove the hidden partial and old folders in ``folder`` whose writing process (on this host) is gone."""
+    """Remove the hidden partial and old folders and files in ``folder`` whose writing process (on this host) is
+    gone; those of live processes (and of other hosts, whose processes cannot be seen) are kept."""
     removed = []
     for entry in Path(folder).iterdir() if Path(folder).is_dir() else []:
-        match = _SCRATCH.match(entry.name)
+        match = _SCRATCH.match(entry.name) if entry.name.startswith(".") else None
         if not match or (match["host"] or socket.gethostname()) != socket.gethostname() or _alive(int(match["pid"])):
             continue
         if entry.is_dir() and not entry.is_symlink():

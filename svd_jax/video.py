@@ -1,16 +1,16 @@
 """Write generated frames to a video file: mp4 (H.264), animated gif or webp, or a folder of PNGs.
 
-Every format is written to a temporary sibling of the destination and renamed into place at the
-end, so a failed write leaves nothing behind (and an existing file at the destination untouched).
+Every format is written to a hidden sibling of the destination named after the writing process
+(:func:`svd_jax.store.scratch_path`) and renamed into place at the end, so a failed write leaves nothing behind
+(and an existing file at the destination untouched), and what a killed writer left is removed by the next write
+into that folder or ``svd-jax clean``.
 """
 
 from __future__ import annotations
 
-import glob
 import json
 import math
 import os
-import secrets
 import shutil
 import subprocess
 from fractions import Fraction
@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from svd_jax.errors import os_error_line
-from svd_jax.store import atomic_dir, scratch_path
+from svd_jax.store import atomic_dir, remove_stale_scratch, scratch_path
 
 __all__ = ["FILE_FORMATS", "check_destination", "check_format", "discard_partial", "frames_to_uint8", "open_video",
            "read_video", "save_video", "write_settings"]
@@ -130,27 +130,27 @@ def check_format(path) -> tuple[Path, str]:
     return _destination(path)
 
 
-def _temporary(final: Path, suffix: str = "") -> Path:
-    """Where ``final`` is written before it is renamed into place (see :func:`discard_partial`)."""
-    return final.parent / f".{final.name}.{secrets.token_hex(4)}.partial{suffix}"
+def _settings_path(path) -> Path:
+    final = Path(os.fspath(path).rstrip("/" + os.sep))
+    return final.with_name(final.name + ".json")
 
 
 def discard_partial(path) -> None:
-    """Remove what an interrupted write of ``path`` (a video or its settings file) left behind: the temporary
-    siblings that are renamed into place only when complete. The destination itself is never touched."""
+    """Remove what this process's interrupted write of ``path`` (a video or its settings file) left behind: the
+    scratch siblings that are renamed into place only when complete. The destination itself is never touched."""
     final, _ = _destination(path)
-    folder = scratch_path(final)  # a folder of frames being written by this process (see svd_jax.store)
-    leftovers = [folder] if folder.is_dir() else []
-    for leftover in leftovers + list(final.parent.glob(f".{glob.escape(final.name)}.*.partial*")):
-        shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+    for leftover in (scratch_path(final), scratch_path(final, keep_suffix=True), scratch_path(_settings_path(path))):
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
 
 
 def write_settings(path, settings: dict) -> Path:
     """Write ``settings`` (how a video was made: seed, model, sampler settings) as JSON next to the video
     ``path`` as ``<path>.json``, atomically. Returns the JSON file's path."""
-    final = Path(os.fspath(path).rstrip("/" + os.sep))
-    target = final.with_name(final.name + ".json")
-    temporary = _temporary(target)
+    target = _settings_path(path)
+    temporary = scratch_path(target)
     try:
         temporary.write_text(json.dumps(settings, indent=2) + "\n")
         os.replace(temporary, target)
@@ -189,12 +189,13 @@ def save_video(frames, path: str | os.PathLike, fps: float = 7) -> Path:
         raise ValueError(f"fps must be positive and finite, got {fps!r}")
     final, kind = check_destination(path)
     video = frames_to_uint8(frames)
-    temporary = scratch_path(final) if kind == "folder" else _temporary(final, kind)
+    temporary = scratch_path(final, keep_suffix=kind != "folder")
     try:
         if kind == "folder":  # an existing (empty, checked above) folder is replaced once the frames are written
             with atomic_dir(final) as folder:
                 _write_png_folder(video, folder)
         else:
+            remove_stale_scratch(final.parent)  # what killed writers left here (atomic_dir does so for folders)
             if kind == ".mp4":
                 _write_mp4(video, temporary, float(fps))
             else:

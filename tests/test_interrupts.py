@@ -88,6 +88,31 @@ def test_sigint_during_export(tmp_path, clip_folder):
     assert leftovers(tmp_path, {"converted"}) == []
 
 
+VIDEO = ("import sys\nimport numpy as np\nfrom svd_jax import video\npause_at(video.os, 'replace', 'PAUSED')\n"
+         "video.save_video(np.zeros((2, 8, 8, 3), np.uint8), sys.argv[1])\n")
+
+
+def test_killed_video_write_is_cleaned_by_the_next_write(tmp_path):
+    """kill -9 just before the finished video is renamed into place leaves its scratch file (named after the dead
+    process, with the extension ffmpeg needs); the next write into that folder removes it, but not the scratch of
+    a live process."""
+    import numpy as np
+
+    from svd_jax import video
+
+    child = start(VIDEO, tmp_path / "clip.mp4")
+    wait_for_line(child, "PAUSED")
+    child.kill()
+    child.wait()
+    host = socket.gethostname()
+    assert leftovers(tmp_path) == [f".clip.mp4.partial-{host}-{child.pid}.mp4"]
+    assert (tmp_path / leftovers(tmp_path)[0]).stat().st_size > 0
+    live = tmp_path / f".other.gif.partial-{host}-{os.getpid()}.gif"  # a write in flight in this live process
+    live.write_bytes(b"GIF89a")
+    video.save_video(np.zeros((2, 8, 8, 3), np.uint8), tmp_path / "next.gif")
+    assert leftovers(tmp_path) == sorted([live.name, "next.gif"])
+
+
 LOAD = """import sys
 import convert
 {pause}
@@ -151,6 +176,11 @@ def test_clean_removes_only_leftovers_of_stopped_processes(tmp_path, capsys):
     for path in stale + live:
         path.mkdir()
         (path / "data").write_text("x")
+    stale_files = [tmp_path / f".clip.mp4.partial-{host}-{dead.pid}.mp4",  # a video and its settings file
+                   tmp_path / f".clip.mp4.json.partial-{host}-{dead.pid}"]
+    live_files = [tmp_path / f".clip.gif.partial-{host}-{os.getpid()}.gif", tmp_path / "clip.mp4.partial-1.mp4"]
+    for path in stale_files + live_files:
+        path.write_text("x")
     assert main(["clean", str(tmp_path)]) == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in live)
-    assert capsys.readouterr().out.splitlines()[-1].startswith("2 leftovers of stopped runs removed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in live + live_files)
+    assert capsys.readouterr().out.splitlines()[-1].startswith("4 leftovers of stopped runs removed")
