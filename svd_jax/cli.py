@@ -99,12 +99,16 @@ def _add_info(commands) -> None:
 
 
 def _clean(args: argparse.Namespace) -> int:
-    from svd_jax.store import remove_stale_scratch
     from svd_jax.loader import cache_dir
+    from svd_jax.store import remove_stale_scratch
+    from svd_jax.train.checkpoints import IN_USE, remove_stale_temporaries
 
     converted = cache_dir() / "converted"
     folders = [Path(f) for f in args.folders] or [Path.cwd(), converted, converted / ".sha256"]
     removed = [path for folder in folders for path in remove_stale_scratch(folder)]
+    # a training run's checkpoint folder (FOLDER/checkpoints for its output folder): orbax's unfinished saves
+    checkpoints = [f for folder in folders for f in (folder, folder / "checkpoints") if (f / IN_USE).is_file()]
+    removed += [path for folder in checkpoints for path in remove_stale_temporaries(folder)]
     for path in removed:
         print(f"removed {path}")
     print(f"{len(removed)} leftover{'s' if len(removed) != 1 else ''} of stopped runs removed from "
@@ -113,9 +117,10 @@ def _clean(args: argparse.Namespace) -> int:
 
 
 def _add_clean(commands) -> None:
-    clean = _subcommand(commands, "clean", "remove the partial folders that killed runs left behind")
+    clean = _subcommand(commands, "clean", "remove the partial files and folders that killed runs left behind")
     clean.add_argument("folders", nargs="*", help="where to look (default: the current folder and the conversion "
-                                                  "cache); only leftovers of stopped processes are removed")
+                                                  "cache), and in a training output folder its checkpoints; only "
+                                                  "leftovers of stopped processes are removed")
     clean.set_defaults(run=_clean)
 
 
@@ -144,8 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from svd_jax.interrupt import sigint_interrupts
+
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    with sigint_interrupts():  # Ctrl-C, and SIGTERM/SIGHUP as Ctrl-C: each command cleans up and exits 130
+        return args.run(args)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,6 @@
-"""Ctrl-C during long work (conversion, export, loading): always an interrupt, never swallowed.
+"""Ctrl-C during long work (conversion, export, loading): always an interrupt, never swallowed; and a stop request
+(SIGTERM from ``kill`` or a job scheduler, SIGHUP from a closed terminal) handled as Ctrl-C, so what the work was
+writing is removed the same way instead of being left to the next run.
 
 Python runs a signal handler between two bytecodes, which may be inside a garbage-collection callback (JAX
 registers one) or a finaliser. A ``KeyboardInterrupt`` raised there is printed as "Exception ignored" and lost,
@@ -16,6 +18,7 @@ import threading
 
 # How long a deferred interrupt waits before it is delivered again (callbacks take microseconds).
 _REDELIVER_S = 0.01
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def _inside_callback(frame) -> bool:
@@ -36,12 +39,16 @@ def _handle(signum, frame):
 
 @contextlib.contextmanager
 def sigint_interrupts():
-    """While active (in the main thread), SIGINT raises ``KeyboardInterrupt`` in ordinary code only."""
+    """While active (in the main thread), SIGINT, SIGTERM and SIGHUP (those not ignored) raise
+    ``KeyboardInterrupt`` in ordinary code only."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGINT, _handle)
+    # a signal the caller ignores stays ignored (nohup ignores SIGHUP, a shell's background job SIGINT)
+    previous = {signum: signal.signal(signum, _handle) for signum in STOP_SIGNALS
+                if signal.getsignal(signum) is not signal.SIG_IGN}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

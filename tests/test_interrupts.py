@@ -56,6 +56,21 @@ def test_sigint_inside_a_gc_callback_is_not_lost():
     assert out.split() == ["INTERRUPTED"] and "Exception ignored" not in err, (out, err)
 
 
+def test_sigterm_and_sighup_interrupt_unless_ignored():
+    """A stop request (SIGTERM from kill or a scheduler, SIGHUP from a closed terminal) interrupts as Ctrl-C does,
+    so the same cleanup runs; a signal the caller ignores (nohup) stays ignored; the handlers are restored."""
+    script = ("import os, signal\nfrom svd_jax.interrupt import sigint_interrupts\n"
+              "signal.signal(signal.SIGHUP, signal.SIG_IGN)\n"
+              "with sigint_interrupts():\n"
+              "    os.kill(os.getpid(), signal.SIGHUP)\n    time.sleep(0.1)\n    print('IGNORED', flush=True)\n"
+              "    try:\n        os.kill(os.getpid(), signal.SIGTERM)\n        time.sleep(5)\n"
+              "    except KeyboardInterrupt:\n        print('INTERRUPTED')\n"
+              "print(signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, signal.getsignal(signal.SIGHUP) is signal.SIG_IGN)\n")
+    child = start(script)
+    out, err = child.communicate(timeout=60)
+    assert child.returncode == 0 and out.split() == ["IGNORED", "INTERRUPTED", "True", "True"], (out, err)
+
+
 def test_killed_conversion_is_cleaned_by_the_next(tmp_path, clip_folder):
     """kill -9 leaves a partial folder no process can remove; the next conversion next to it removes it."""
     child = start(CONVERT.format(pause="pause_at(svd_jax.checkpoint, 'save_params', 'PAUSED')"),
@@ -74,15 +89,17 @@ EXPORT = ("import sys\nimport convert.export\npause_at(convert.export, 'write_sa
           "from convert.__main__ import main\nsys.exit(main(['--to-diffusers', *sys.argv[1:]]))\n")
 
 
-def test_sigint_during_export(tmp_path, clip_folder):
-    """--to-diffusers: Ctrl-C while a weights file is written leaves nothing (a killed export's partial folder is
-    removed by the next run exactly as a conversion's: both write through svd_jax.store.atomic_dir)."""
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_sigint_during_export(tmp_path, clip_folder, signum):
+    """--to-diffusers: Ctrl-C (or SIGTERM, handled as Ctrl-C) while a weights file is written leaves nothing (a
+    killed export's partial folder is removed by the next run exactly as a conversion's: both write through
+    svd_jax.store.atomic_dir)."""
     from convert.__main__ import main
 
     assert main([str(clip_folder), str(tmp_path / "converted"), "--no-hash"]) == 0
     child = start(EXPORT, tmp_path / "converted", tmp_path / "out")
     wait_for_line(child, "PAUSED")
-    child.send_signal(signal.SIGINT)
+    child.send_signal(signum)
     code, err = finish(child)
     assert code == 130 and err.splitlines() == ["interrupted"], err
     assert leftovers(tmp_path, {"converted"}) == []
@@ -111,6 +128,48 @@ def test_killed_video_write_is_cleaned_by_the_next_write(tmp_path):
     live.write_bytes(b"GIF89a")
     video.save_video(np.zeros((2, 8, 8, 3), np.uint8), tmp_path / "next.gif")
     assert leftovers(tmp_path) == sorted([live.name, "next.gif"])
+
+
+SAVE = """import sys
+import jax.numpy as jnp
+from orbax.checkpoint._src.path import async_path
+from svd_jax.train.checkpoints import Checkpoints
+checkpoints = Checkpoints(sys.argv[1], keep=2)
+checkpoints.save(1, {"w": jnp.ones((4, 4))}, {}, {"step": 1})
+checkpoints.wait()
+pause_at(async_path, "rename", "PAUSED")
+checkpoints.save(2, {"w": jnp.zeros((4, 4))}, {}, {"step": 2})
+checkpoints.wait()
+"""
+
+
+def test_killed_checkpoint_save_is_cleaned_by_the_next_run_and_by_clean(tmp_path, capsys):
+    """kill -9 while orbax writes a training checkpoint (paused just before it renames the finished save into
+    place) leaves its unfinished save; `svd-jax clean OUTPUT_DIR` and the next run (which opens the checkpoints to
+    resume) remove it, but not while a live run holds the folder."""
+    from svd_jax.cli import main
+    from svd_jax.train.checkpoints import IN_USE, Checkpoints
+
+    child = start(SAVE, tmp_path / "run" / "checkpoints")
+    wait_for_line(child, "PAUSED")
+    child.kill()
+    child.wait()
+    unfinished = [IN_USE, "1", "2.orbax-checkpoint-tmp"]
+    assert leftovers(tmp_path / "run" / "checkpoints") == unfinished
+    copy = tmp_path / "copy" / "checkpoints"
+    live = Checkpoints(copy, keep=2)  # a run still going in another folder, with the same save in flight
+    for name in unfinished[1:]:
+        shutil.copytree(tmp_path / "run" / "checkpoints" / name, copy / name)
+    assert main(["clean", str(tmp_path / "copy")]) == 0
+    assert leftovers(copy) == unfinished
+    live.close()
+    assert main(["clean", str(tmp_path / "copy")]) == 0
+    assert leftovers(copy) == [IN_USE, "1"]
+    assert capsys.readouterr().out.splitlines()[-1].startswith("1 leftover of stopped runs removed")
+
+    resumed = Checkpoints(tmp_path / "run" / "checkpoints", keep=2)
+    assert leftovers(tmp_path / "run" / "checkpoints") == [IN_USE, "1"] and resumed.latest() == 1
+    resumed.close()
 
 
 LOAD = """import sys

@@ -6,10 +6,16 @@ checkpoint does not depend on the base model staying unchanged) and ``meta`` (JS
 The last ``keep`` checkpoints are kept. Restoring places every array with the sharding of the abstract target,
 so a run resumes on the same mesh layout, and resuming continues bit for bit: the data position, the RNG key and
 the optimizer state are all restored.
+
+A save killed outright (``kill -9``, a second Ctrl-C while the first waits for it) leaves orbax's unfinished
+``<step>.orbax-checkpoint-tmp`` folder; the next run in that folder (:class:`Checkpoints`) and ``svd-jax clean``
+remove it (:func:`remove_stale_temporaries`), unless a live run holds the folder (its lock file ``IN_USE``).
 """
 
 from __future__ import annotations
 
+import fcntl
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +28,41 @@ from svd_jax.checkpoint import path_key
 from svd_jax.store import atomic_dir, new_manifest, write_component, write_manifest
 
 
+# In a checkpoint folder: every open Checkpoints holds a shared lock on it; removing unfinished saves takes an
+# exclusive one, so it never touches a save a live run is writing. The kernel releases a dead process's lock.
+IN_USE = ".svd_jax-in-use"
+
+
+def remove_stale_temporaries(directory) -> list[Path]:
+    """Remove the unfinished saves (as orbax recognises them: ``<step>.orbax-checkpoint-tmp``) from the checkpoint
+    folder ``directory``, unless a live process has it open; returns what was removed. (Orbax's own
+    ``cleanup_tmp_directories`` option removes them in a background thread, whatever other process is saving.)"""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    unfinished = [Path(temporary.get()) for temporary in ocp.utils.tmp_checkpoints(directory)]
+    if not unfinished:
+        return []
+    with (directory / IN_USE).open("a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # a live run is using the folder: its save may be in flight
+            return []
+        for path in unfinished:
+            shutil.rmtree(path, ignore_errors=True)
+    return unfinished
+
+
 class Checkpoints:
     """``save(step, state, frozen, meta)``, ``latest()``, ``restore(step, state_like, frozen_like)``,
-    ``discard_after(step)``."""
+    ``discard_after(step)``. Holds the folder (see ``IN_USE``) until :meth:`close` or until it is collected."""
 
     def __init__(self, directory, keep: int):
         self.directory = Path(directory).absolute()
+        self.directory.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(self.directory)
+        self._in_use = (self.directory / IN_USE).open("a")
+        fcntl.flock(self._in_use, fcntl.LOCK_SH)
         self.manager = ocp.CheckpointManager(
             self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
 
@@ -70,6 +105,7 @@ class Checkpoints:
 
     def close(self) -> None:
         self.manager.close()
+        self._in_use.close()
 
 
 def _component_arrays(module) -> dict[str, np.ndarray]:

@@ -18,6 +18,7 @@ import json
 import sys
 
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -119,6 +120,9 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:  # the run waited for a checkpoint save in progress: the next run resumes from it
+        print("\ninterrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
+        return EXIT_INTERRUPTED
     how = (f"svd_jax.load({config.model!r}, lora={str(path)!r})" if config.lora.enabled else "svd_jax.load")
     print(f"wrote {path} (load it with {how}); losses in {trainer.log.path}")
     return 0

@@ -6,7 +6,7 @@
 * ``output_dir/losses.csv``: one row per step (step, loss, grad_norm, learning_rate); on resume, rows after the
   restored step are dropped first, so the file is always one consistent history;
 * ``output_dir/checkpoints/<step>/``: every ``checkpoint_every`` steps and at the end (see
-  :mod:`svd_jax.train.checkpoints`);
+  :mod:`svd_jax.train.checkpoints`); Ctrl-C waits for a save in progress, so the last one is complete;
 * ``output_dir/samples/step-<step>.mp4``: every ``sample.every`` steps (if set);
 * ``output_dir/model/``: the fine-tuned UNet with the base VAE and image encoder, loadable with
   :func:`svd_jax.load`; with ``[lora]``, ``output_dir/lora.safetensors`` instead: the adapters alone
@@ -31,6 +31,7 @@ from jax.sharding import Mesh
 from svd_jax import lora
 from svd_jax.loader import SVDModels, load
 from svd_jax.policy import Policy
+from svd_jax.store import remove_stale_scratch
 from svd_jax.train.cache import CachedClips, build_cache
 from svd_jax.train.checkpoints import Checkpoints, save_models
 from svd_jax.train.conditioning import ClipFeatures, encode_clips
@@ -88,6 +89,7 @@ class Trainer:
         self.progress = progress
         self.output = Path(config.output_dir)
         self.output.mkdir(parents=True, exist_ok=True)
+        remove_stale_scratch(self.output)  # what a killed run's export left (its checkpoints: Checkpoints)
         self.layout = Layout(mesh, config.shard_params, config.shard_min_size)
         check_batch_size(config.batch_size, self.layout)
 
