@@ -70,7 +70,7 @@ class Sampling:
             noise = checked_array(latents, (batch, *latent_shape), "latents")
         else:
             noise = seeded_noise(chosen, latent_shape, 1)
-        x = sharding.place_rows(noise * jnp.float32(sched.init_noise_sigma), self.mesh)
+        x = sharding.place_rows(noise * jnp.float32(sched.init_noise_sigma), self.mesh, conditioning.image_latents)
         if sampler != "euler" or sampler_options or cache_interval != 1:
             denoiser = (self.denoiser(conditioning) if cache_interval == 1 else
                         CachedDenoiser(*self._split(self.models.unet, "unet"), conditioning, cache_interval, self.mesh))
@@ -91,7 +91,7 @@ class Sampling:
                     # compiled step either way; a copy of the latents is small next to a UNet evaluation).
                     x = x if replaced is None else checked_array(replaced, x.shape,
                                                                    "latents returned by callback_on_step_end")
-                    x = sharding.place_rows(jnp.array(x, copy=True), self.mesh)
+                    x = sharding.place_rows(jnp.array(x, copy=True), self.mesh, conditioning.image_latents)
         check_finite(x, "the sampled latents")
         return x
 
@@ -106,7 +106,7 @@ class Sampling:
                 if replaced is None:
                     return None
                 replaced = checked_array(replaced, x.shape, "latents returned by callback_on_step_end")
-                return sharding.place_rows(replaced, self.mesh)
+                return sharding.place_rows(replaced, self.mesh, x)
 
             options = dict(options or {})
             # each video's own stream, apart from its augmentation and latent noise (parts 0 and 1 of its key)
@@ -152,7 +152,7 @@ class Sampling:
         starts = long_video.window_starts(num_frames, window_size, stride)
         windowed = long_video.WindowedDenoiser(
             self.denoiser(long_video.window_conditioning(conditioning, len(starts))), num_frames, window_size, stride)
-        x = sharding.place_rows(noise * jnp.float32(sched.init_noise_sigma), self.mesh)
+        x = sharding.place_rows(noise * jnp.float32(sched.init_noise_sigma), self.mesh, conditioning.image_latents)
         with stage("sampling", "num_frames, the window size, height and width, or the number of images"):
             x = self._sample_with(sampler, windowed, x, sched.sigmas, video_seeds, sampler_options,
                                   callback_on_step_end, progress)
@@ -181,7 +181,7 @@ class Sampling:
         noise = (checked_array(latents, (batch, *latent_shape), "latents") if latents is not None
                  else seeded_noise(video_seeds, latent_shape, 1))
         (start_pair, scales), (end_pair, _) = (keyframes.paired(c, guidance_scale, num_frames) for c in (start, end))
-        x = sharding.place_rows(noise * jnp.float32(sched.init_noise_sigma), self.mesh)
+        x = sharding.place_rows(noise * jnp.float32(sched.init_noise_sigma), self.mesh, start.image_latents)
         renoise = keyframes.seeded_noise_sampler([jax.random.fold_in(seed_key(s), 2) for s in video_seeds],
                                                    latent_shape)
         with stage("sampling", "num_frames, height and width, or the number of images"), \
@@ -195,7 +195,7 @@ class Sampling:
                 self.denoiser(start_pair), self.denoiser(end_pair), x, sched.sigmas,
                 checked_array(start_latent, (batch, *latent_shape[1:]), "start_latent"),
                 checked_array(end_latent, (batch, *latent_shape[1:]), "end_latent"), scales,
-                lambda step, k: sharding.place_rows(renoise(step, k), self.mesh), cfg_pp=cfg_pp,
+                lambda step, k: sharding.place_rows(renoise(step, k), self.mesh, start.image_latents), cfg_pp=cfg_pp,
                 callback=after_step, on_pass=on_pass)
         check_finite(x, "the sampled latents")
         return x

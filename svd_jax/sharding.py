@@ -65,9 +65,13 @@ def param_sharder(mesh: Mesh, shard_params: bool = False, min_size: int = MIN_SH
     return sharding
 
 
-def place_rows(array, mesh: Mesh | None):
-    """``array`` with its axis 0 split across ``mesh`` (see :func:`rows`); as it is without a mesh."""
-    return array if mesh is None else jax.device_put(array, rows(mesh, array.shape[0], array.ndim))
+def place_rows(array, mesh: Mesh | None, like=None):
+    """``array`` with its axis 0 split across ``mesh`` (see :func:`rows`). Without a mesh, committed to the device
+    of ``like`` (an array the same program's inputs or outputs live on) when given, else as it is: a jitted
+    step's outputs are committed, so a first input that is not would compile the step a second time."""
+    if mesh is not None:
+        return jax.device_put(array, rows(mesh, array.shape[0], array.ndim))
+    return array if like is None else jax.device_put(array, like.sharding)
 
 
 def on_mesh(array, mesh: Mesh) -> bool:

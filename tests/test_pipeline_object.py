@@ -113,3 +113,16 @@ def test_load_leaves_jax_config_unchanged():
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads(result.stdout.strip().splitlines()[-1].replace("'", '"')) == []
+
+
+
+def test_one_denoising_program_per_shape():
+    """The first step's latents are placed like the steps' outputs, so a new size compiles the fused step once,
+    not once for the first step and again for the rest; a callback that returns host arrays adds no program."""
+    from svd_jax import denoiser
+
+    models = svd_jax.load("tiny", policy=svd_jax.Policy.float32())
+    before = denoiser._euler_step._cache_size()
+    svd_jax.generate(IMAGE, models, **{**ARGS, "height": 40, "width": 40, "num_inference_steps": 3},  # a new size
+                     callback_on_step_end=lambda step, sigma, x: np.asarray(x))
+    assert denoiser._euler_step._cache_size() == before + 1
