@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 
 from svd_jax.attention import attention
-from svd_jax.policy import Policy
+from svd_jax.policy import CHECKPOINT_POLICIES, Policy
 
 
 def dense(in_features: int, out_features: int, policy: Policy, rngs: nnx.Rngs, use_bias: bool = True) -> nnx.Linear:
@@ -274,6 +274,16 @@ class TemporalResnetBlock(nnx.Module):
         return x + h
 
 
+def checkpointed_call(layer, forward, x, num_frames: int, extra):
+    """``forward(layer, x, num_frames, extra)``, under ``nnx.remat`` with the named policy ``layer.remat`` (set
+    from :attr:`Policy.remat` when the layer was built) unless that is ``"none"``. ``num_frames`` is a Python int
+    and stays static; parameter paths are the same either way."""
+    if layer.remat == "none":
+        return forward(layer, x, num_frames, extra)
+    return nnx.remat(forward, static_argnums=(2,), policy=CHECKPOINT_POLICIES[layer.remat])(layer, x, num_frames,
+                                                                                             extra)
+
+
 class AlphaBlender(nnx.Module):
     """Learned blend of a spatial and a temporal branch, ``mix_factor`` a scalar of shape [1].
 
@@ -299,12 +309,16 @@ class SpatioTemporalResBlock(nnx.Module):
 
     def __init__(self, in_channels: int, out_channels: int, temb_channels: int | None, eps: float,
                  temporal_eps: float, policy: Policy, rngs: nnx.Rngs, *, temporal_gets_alpha: bool = False):
+        self.remat = policy.remat
         self.spatial_res_block = ResnetBlock2D(in_channels, out_channels, temb_channels, eps, policy, rngs)
         self.temporal_res_block = TemporalResnetBlock(out_channels, temb_channels, temporal_eps, policy, rngs)
         self.time_mixer = AlphaBlender(policy, rngs, temporal_gets_alpha=temporal_gets_alpha)
 
     def __call__(self, x, num_frames: int, temb=None):
         """``x [B*F, H, W, C]``, ``temb [B*F, T]`` or None -> ``[B*F, H, W, C_out]``."""
+        return checkpointed_call(self, SpatioTemporalResBlock._forward, x, num_frames, temb)
+
+    def _forward(self, x, num_frames: int, temb):
         spatial = self.spatial_res_block(x, temb)
         bf, h, w, c = spatial.shape
         video = spatial.reshape(bf // num_frames, num_frames, h, w, c)

@@ -11,7 +11,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from svd_jax.layers import (AlphaBlender, Attention, Downsample2D, FeedForward, GroupNorm, LayerNorm,
-                            SpatioTemporalResBlock, TimestepEmbedding, Upsample2D, dense, sinusoidal_embedding)
+                            SpatioTemporalResBlock, TimestepEmbedding, Upsample2D, checkpointed_call, dense,
+                            sinusoidal_embedding)
 from svd_jax.policy import Policy
 
 
@@ -76,6 +77,7 @@ class TransformerSpatioTemporalModel(nnx.Module):
         if channels % heads:
             raise ValueError(f"transformer channels {channels} are not divisible by num_attention_heads {heads}")
         self.channels = channels
+        self.remat = policy.remat
         self.norm = GroupNorm(channels, groups, norm_eps, policy, rngs)
         self.proj_in = dense(channels, channels, policy, rngs)
         self.transformer_blocks = nnx.List([
@@ -91,6 +93,9 @@ class TransformerSpatioTemporalModel(nnx.Module):
     def __call__(self, x, num_frames: int, context):
         """``x [B*F, H, W, C]``; ``context [B, L, D]`` (one per video, as the UNet carries it) or ``[B*F, L, D]``
         (one per frame, as diffusers passes it; the temporal blocks then use each video's first frame's)."""
+        return checkpointed_call(self, TransformerSpatioTemporalModel._forward, x, num_frames, context)
+
+    def _forward(self, x, num_frames: int, context):
         bf, height, width, c = x.shape
         check_frames(bf, num_frames, "TransformerSpatioTemporalModel")
         b, s = bf // num_frames, height * width

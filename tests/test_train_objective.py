@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import UNetSpatioTemporalConditionModel as TorchUNet
+from flax import nnx
 
 import svd_jax
 from convert import rules
@@ -20,7 +21,6 @@ from svd_jax.train.config import ObjectiveConfig
 from svd_jax.train.objective import (DiffusionNoise, TrainBatch, diffusion_loss, draw_diffusion_noise,
                                      drop_image_conditioning, sample_log_normal, v_weighting)
 from svd_jax.train.params import split_model
-from svd_jax.train.remat import checkpoint_layers
 from train_helpers import VAE, random_model
 from unet_helpers import DOWN_CROSS, tiny_unet_config
 
@@ -70,8 +70,9 @@ def test_loss_and_gradients_match_pytorch(converted):
     expected_loss.backward()
     torch_grads = {k: p.grad.numpy() for k, p in torch_model.named_parameters()}
 
-    unet = svd_jax.load(dst, policy=svd_jax.Policy.float32()).unet
-    assert checkpoint_layers(unet) == 9  # resnets + transformers: down 1 + 1, mid 2 + 1, up 2 + 2
+    unet = svd_jax.load(dst, policy=svd_jax.Policy.float32(remat="block")).unet
+    layers = [node for _, node in nnx.iter_graph(unet) if getattr(node, "remat", None) == "block"]
+    assert len(layers) == 9  # resnets + transformers: down 1 + 1, mid 2 + 1, up 2 + 2
     structure, params, frozen = split_model(unet, "all")
     cl = lambda t: jnp.asarray(t.numpy())  # noqa: E731
     batch = TrainBatch(cl(x0.permute(0, 1, 3, 4, 2)), cl(cond.permute(0, 2, 3, 1)), cl(embeds), cl(ids))

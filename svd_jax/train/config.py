@@ -34,9 +34,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from svd_jax.policy import REMAT_POLICIES
+
 TRAINABLE_PRESETS = ("all", "temporal")
 COMPUTE_DTYPES = ("bfloat16", "float32")
-REMAT_POLICIES = ("none", "block", "dots")
 
 
 def _check(condition: bool, message: str) -> None:

@@ -83,24 +83,21 @@ def num_values(flat: dict) -> int:
     return int(sum(a.size for a in jax.tree.leaves(flat)))
 
 
-def training_policy(config) -> Policy:
+def training_policy(config, remat: str | None = None) -> Policy:
     """float32 master weights computing in ``compute_dtype``; with LoRA the frozen base stays in ``compute_dtype``
-    (the adapters are the float32 masters)."""
-    return Policy(config.compute_dtype if config.lora.enabled else "float32", config.compute_dtype)
+    (the adapters are the float32 masters). The UNet built with it checkpoints its layers with ``remat`` (default
+    the config's)."""
+    return Policy(config.compute_dtype if config.lora.enabled else "float32", config.compute_dtype,
+                  remat=config.remat if remat is None else remat)
 
 
-def prepare_unet(unet, config, remat: str | None = None) -> tuple[SplitModel, dict, dict]:
-    """A :class:`~svd_jax.train.config.TrainConfig`'s UNet for training, in place: LoRA adapters (``[lora]``),
-    gradient checkpointing (``remat``, default the config's), then :func:`split_model` into the trainable and the
-    frozen dict. Concrete or abstract (``nnx.eval_shape``) modules alike."""
-    from svd_jax.train.remat import checkpoint_layers
-
+def prepare_unet(unet, config) -> tuple[SplitModel, dict, dict]:
+    """A :class:`~svd_jax.train.config.TrainConfig`'s UNet (built with :func:`training_policy`) for training, in
+    place: LoRA adapters (``[lora]``), then :func:`split_model` into the trainable and the frozen dict. Concrete
+    or abstract (``nnx.eval_shape``) modules alike."""
     trainable = config.optimizer.trainable
     if config.lora.enabled:
         c = config.lora
         lora.add_adapters(unet, c.rank, c.scale_alpha, c.dropout, c.targets, seed=config.seed)
         trainable = [lora.ADAPTER_PATTERN]
-    remat = config.remat if remat is None else remat
-    if remat != "none":
-        checkpoint_layers(unet, remat)
     return split_model(unet, trainable)

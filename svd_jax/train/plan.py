@@ -129,8 +129,8 @@ def plan_step(config: TrainConfig, target: Target, remat: str | None = None,
     """Compile ``config``'s training step for ``target`` with ``remat`` (default: the config's)."""
     remat = config.remat if remat is None else remat
     unet_config, vae_config = model_configs(config.model)
-    unet = abstract_model("unet", unet_config, training_policy(config))
-    structure, trainable, frozen = prepare_unet(unet, config, remat)
+    unet = abstract_model("unet", unet_config, training_policy(config, remat))
+    structure, trainable, frozen = prepare_unet(unet, config)
     vae = abstract_model("vae", vae_config, Policy.float32())
 
     devices = list(target.devices)
