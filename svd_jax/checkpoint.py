@@ -18,6 +18,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 from svd_jax import bounded_io
 from svd_jax.bounded_io import DeferredArray
@@ -30,28 +31,6 @@ PARAMS_DIR = "params"
 def path_key(path: tuple) -> str:
     """``('encoder', 'layers', 0, 'kernel')`` -> ``'encoder.layers.0.kernel'``."""
     return ".".join(str(p) for p in path)
-
-
-def _nest(flat: dict[str, object]) -> dict:
-    nested: dict = {}
-    for key, value in flat.items():
-        node = nested
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return nested
-
-
-def _flatten(nested: dict, prefix: str = "") -> dict[str, object]:
-    flat = {}
-    for key, value in nested.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(_flatten(value, name + "."))
-        else:
-            flat[name] = value
-    return flat
 
 
 def param_shapes(model) -> dict[str, jax.ShapeDtypeStruct]:
@@ -71,7 +50,7 @@ def save_params(directory: Path, params: dict[str, np.ndarray | DeferredArray]) 
     is read when it is written."""
     path = Path(directory).absolute() / PARAMS_DIR
     try:
-        bounded_io.save(path, _nest(params), max((a.nbytes for a in params.values()), default=0))
+        bounded_io.save(path, unflatten_dict(params, sep="."), max((a.nbytes for a in params.values()), default=0))
     except Exception as e:  # tensorstore reports disk full or a read-only folder as a ValueError with a status
         if not STORAGE_STATUS.match(str(e)):
             raise  # not the storage layer's: e.g. a converter error raised while reading a deferred array
@@ -89,7 +68,7 @@ def stored_params(directory: Path) -> dict[str, tuple[tuple[int, ...], str]]:
     tree = getattr(tree, "tree", tree)
     if not hasattr(tree, "keys"):  # orbax gives None for a checkpoint whose metadata is missing or unreadable
         raise OSError(f"{path}: cannot read the checkpoint (its metadata is missing or damaged)")
-    return {k: (tuple(v.shape), np.dtype(v.dtype).name) for k, v in _flatten(dict(tree)).items()}
+    return {k: (tuple(v.shape), np.dtype(v.dtype).name) for k, v in flatten_dict(dict(tree), sep=".").items()}
 
 
 def load_params(folder: Path, params: list[str] | None = None) -> dict[str, np.ndarray]:
@@ -99,12 +78,11 @@ def load_params(folder: Path, params: list[str] | None = None) -> dict[str, np.n
     checkpointer = ocp.PyTreeCheckpointer()
     if params is None:
         params = list(stored_params(folder))
-    structure = _nest({key: 0 for key in params})
+    structure = unflatten_dict({key: 0 for key in params}, sep=".")
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), structure)
     restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(item=structure, restore_args=restore_args,
                                                                       partial_restore=True))
-    leaves = jax.tree_util.tree_flatten_with_path(restored)[0]
-    return {path_key(tuple(k.key for k in keys)): np.asarray(v) for keys, v in leaves}
+    return {key: np.asarray(v) for key, v in flatten_dict(restored, sep=".").items()}
 
 
 Sharder = Callable[[str, tuple[int, ...]], jax.sharding.Sharding]
@@ -134,7 +112,8 @@ def restore_model(abstract_model, directory: Path, policy: Policy, sharding: Sha
     }
     try:
         with bounded_io.reader(_largest_bytes(stored, policy.param)) as checkpointer:
-            restored = _flatten(checkpointer.restore(directory.absolute() / PARAMS_DIR, _nest(target)))
+            restored = flatten_dict(checkpointer.restore(directory.absolute() / PARAMS_DIR,
+                                                         unflatten_dict(target, sep=".")), sep=".")
     except Exception as e:  # a truncated or deleted data file (tensorstore's status errors)
         if not STORAGE_STATUS.match(str(e)) or "RESOURCE_EXHAUSTED" in str(e):
             raise

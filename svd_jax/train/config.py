@@ -239,6 +239,8 @@ def load_config(path, overrides: dict[str, Any] | None = None) -> TrainConfig:
         values = tomllib.loads(path.read_text())
     else:
         raise ValueError(f"{path}: the config must be a .json or .toml file")
+    # Each override sets one dotted key in place. Not flax.traverse_util's flatten/unflatten round trip: that
+    # rewrites the whole tree, drops empty tables and cannot replace a table by a value (or a value by a table).
     for key, value in (overrides or {}).items():
         node = values
         *parents, leaf = key.split(".")
