@@ -26,7 +26,8 @@ def _has_attention(block_type: str) -> bool:
 
 
 class UNetSpatioTemporalConditionModel(nnx.Module):
-    """Attribute paths are diffusers' (``down_blocks.0.attentions.1.proj_in``); see :mod:`svd_jax.unet_blocks`."""
+    """Attribute paths are diffusers' (``down_blocks.0.attentions.1.proj_in``); see :mod:`svd_jax.unet_blocks`.
+    ``policy.remat`` (:mod:`svd_jax.policy`) chooses the gradient checkpointing of every resnet and transformer."""
 
     def __init__(self, config: UNetConfig, *, policy: Policy | None = None, rngs: nnx.Rngs):
         policy = policy or Policy.float32()

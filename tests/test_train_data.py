@@ -1,8 +1,10 @@
 """Training data and config: video files and frame folders, per-clip fps and motion bucket, deterministic clip
 positions (what a resumed run relies on), resizing, and clear errors for bad folders and configs."""
 
+import gc
 import json
 import warnings
+import weakref
 
 import imageio.v2 as imageio
 import numpy as np
@@ -59,6 +61,11 @@ def test_clips_are_a_pure_function_of_the_position(folder):
     # each epoch visits every video once
     assert sorted(clips.sampler(i).video for i in range(4)) == [0, 1, 2, 3]
     assert sorted(clips.sampler(i).video for i in range(4, 8)) == [0, 1, 2, 3]
+    # the epoch's order is the sampler's own: nothing keeps a dropped sampler alive
+    dropped = weakref.ref(again.sampler)
+    del again
+    gc.collect()
+    assert dropped() is None
     # prefetching in a background thread changes nothing
     stream = prefetch(clips, 5, 3)
     position, batch = next(stream)

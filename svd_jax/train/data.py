@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import functools
 import json
 import warnings
 from pathlib import Path
@@ -150,10 +149,14 @@ class ClipSampler:
         self.lengths = [e.num_frames for e in entries]
         self.span = (config.num_frames - 1) * config.frame_stride + 1
         self.seed = seed
+        self._epoch_order = (None, None)  # the current epoch's order, drawn once (not a class-wide cache)
 
-    @functools.lru_cache(maxsize=4)
     def _order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(len(self.lengths))
+        drawn, order = self._epoch_order  # read once: a prefetch thread may replace it meanwhile
+        if drawn != epoch:
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.lengths))
+            self._epoch_order = (epoch, order)
+        return order
 
     def __call__(self, position: int) -> ClipRef:
         epoch, index = divmod(int(position), len(self.lengths))
