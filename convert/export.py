@@ -46,7 +46,8 @@ from svd_jax.checkpoint import PARAMS_DIR, load_params, stored_params
 from svd_jax.components import COMPONENT_CONFIGS, abstract_model
 from svd_jax.configs import CLIPVisionConfig, UNetConfig, VAEConfig
 from svd_jax.lora import merged_kernel, read_adapters
-from svd_jax.store import CONFIG, MANIFEST, atomic_dir, read_config, read_manifest, scratch_path
+from svd_jax.store import (CONFIG, MANIFEST, atomic_dir, read_config, read_manifest, scratch_path,
+                           verify_component)
 
 # The first diffusers release with the SVD classes; recorded as the version the configs are written for.
 DIFFUSERS_VERSION = "0.24.0"
@@ -316,9 +317,10 @@ def _read_source(src: Path) -> dict:
             if (src / "model_index.json").is_file() else ""
         raise ConversionError(f"{src}: not a converted svd_jax folder (no {MANIFEST}){hint}")
     try:
-        listed = read_manifest(src)["components"]
+        manifest = read_manifest(src)
     except (OSError, ValueError) as e:
         raise ConversionError(str(e)) from None
+    listed = manifest["components"]
     components = [c for c in COMPONENT_CONFIGS if c in listed]
     if not components:
         raise ConversionError(f"{src / MANIFEST}: lists no component ({', '.join(COMPONENT_CONFIGS)})")
@@ -330,6 +332,10 @@ def _read_source(src: Path) -> dict:
             raise ConversionError(str(e)) from None
         if not (src / component / PARAMS_DIR).is_dir():
             raise ConversionError(f"{src / component}: missing its {PARAMS_DIR} checkpoint")
+        try:  # a damaged folder would otherwise be exported as valid-looking weights
+            verify_component(src, manifest, component)
+        except (OSError, ValueError) as e:
+            raise ConversionError(str(e)) from None
     return configs
 
 

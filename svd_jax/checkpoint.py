@@ -22,7 +22,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from svd_jax import bounded_io
 from svd_jax.bounded_io import DeferredArray
-from svd_jax.errors import STORAGE_STATUS, storage_error
+from svd_jax.errors import STORAGE_STATUS, storage_error, storage_status
 from svd_jax.policy import Policy
 
 PARAMS_DIR = "params"
@@ -80,12 +80,24 @@ def load_params(folder: Path, params: list[str] | None = None) -> dict[str, np.n
         params = list(stored_params(folder))
     structure = unflatten_dict({key: 0 for key in params}, sep=".")
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), structure)
-    restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(item=structure, restore_args=restore_args,
-                                                                      partial_restore=True))
+    try:
+        restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(item=structure, restore_args=restore_args,
+                                                                          partial_restore=True))
+    except Exception as e:  # a truncated or deleted data file (tensorstore's status errors)
+        _raise_read_failure(e, path)
+        raise
     return {key: np.asarray(v) for key, v in flatten_dict(restored, sep=".").items()}
 
 
 Sharder = Callable[[str, tuple[int, ...]], jax.sharding.Sharding]
+
+
+def _raise_read_failure(error: Exception, path: Path) -> None:
+    """Raise a failed restore's storage-layer failure as one ``OSError`` line; return for any other error (a device
+    out of memory is left to :func:`svd_jax.errors.stage`)."""
+    status = storage_status(error)
+    if status is not None and "RESOURCE_EXHAUSTED" not in str(status):
+        raise storage_error(status, path, "read") from error
 
 
 def restore_model(abstract_model, directory: Path, policy: Policy, sharding: Sharder | None = None):
@@ -115,9 +127,8 @@ def restore_model(abstract_model, directory: Path, policy: Policy, sharding: Sha
             restored = flatten_dict(checkpointer.restore(directory.absolute() / PARAMS_DIR,
                                                          unflatten_dict(target, sep=".")), sep=".")
     except Exception as e:  # a truncated or deleted data file (tensorstore's status errors)
-        if not STORAGE_STATUS.match(str(e)) or "RESOURCE_EXHAUSTED" in str(e):
-            raise
-        raise storage_error(e, directory / PARAMS_DIR, "read") from e
+        _raise_read_failure(e, directory / PARAMS_DIR)
+        raise
     for path, var in nnx.to_flat_state(params):
         var.set_value(restored[path_key(path)])
     return nnx.merge(graphdef, params, rest)

@@ -58,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
     from svd_jax.bulk import batch, read_jobs
     from svd_jax.cli_generate import policy_named, sampler_settings
     from svd_jax.loader import TINY, enable_compilation_cache, load, model_configs, resolve
+    from svd_jax.video import check_fps
 
     try:  # everything a user can get wrong is checked before the models are loaded
         jobs = read_jobs(args.jobs, seed=args.seed, suffix=args.suffix)
@@ -67,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"{source} has no {', '.join(missing)}: generation needs all three components")
         if args.batch_size is not None and args.batch_size < 1:
             raise ValueError(f"--batch-size must be a positive integer, got {args.batch_size}")
+        check_fps(sampler_settings(args).get("fps", 7))  # every video's frame rate, before any is made
         _initialize(args)
     except (OSError, ValueError, RuntimeError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -47,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
         if args.frames < 0:
             raise ValueError(f"--frames must be >= 0, got {args.frames}")
         video.check_destination(args.output)
+        video.check_fps(options.get("fps", 7))
         frames = video.read_video(args.video)
         source = args.model if args.model == TINY else resolve(args.model)
     except (OSError, ValueError, RuntimeError, ImportError) as e:

@@ -119,7 +119,8 @@ def _prepare(args: argparse.Namespace):
     from svd_jax import pipeline, video
     from svd_jax.loader import TINY, TINY_SETTINGS, model_configs, resolve
     from svd_jax.preprocess import load_image
-    from svd_jax.settings import check_conditioning
+    from svd_jax.scheduler import guidance_scales
+    from svd_jax.settings import check_conditioning, positive_int, seeds
 
     video.check_destination(args.output)
     image = load_image(args.image)
@@ -145,6 +146,14 @@ def _prepare(args: argparse.Namespace):
         warnings.simplefilter("ignore")
         check_conditioning(options.get("fps", 7), options.get("motion_bucket_id", 127),
                            options.get("noise_aug_strength", 0.02))
+    video.check_fps(options.get("fps", 7))  # also the video's frame rate
+    for name in ("num_frames", "num_inference_steps", "decode_chunk_size", "cache_interval", "window_size",
+                 "window_stride"):
+        if options.get(name) is not None:
+            positive_int(options[name], name)
+    guidance_scales(options.get("min_guidance_scale", 1.0), options.get("max_guidance_scale", 3.0), 1)
+    if args.seed is not None:
+        seeds(args.seed, 1)
     _check_memory(configs, options, policy_named(args.policy), source == TINY, args.ignore_memory_estimate)
     return source, image, options
 

@@ -29,6 +29,18 @@ def os_error_line(error: OSError, path: str | os.PathLike | None = None) -> str:
     return f"{name}: {reason}"
 
 
+def storage_status(error: BaseException) -> BaseException | None:
+    """The storage layer's status error behind ``error`` (itself, or the one it was raised from: orbax wraps a read
+    error as "Encountered error while reading array index ..."), or None when there is none."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if STORAGE_STATUS.match(str(error)):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def storage_error(error: Exception, path: str | os.PathLike, action: str) -> OSError:
     """An orbax/tensorstore failure while ``action`` (``"write"``, ``"read"``) the checkpoint at ``path``, as one
     ``OSError`` line: the operating system's reason when the status text carries one (disk full, file too large,

@@ -200,19 +200,41 @@ def _array_to_pil(array: np.ndarray) -> PIL.Image.Image:
     return PIL.Image.fromarray(np.ascontiguousarray(pixels))
 
 
+def _eight_bit(image: PIL.Image.Image, name: str) -> PIL.Image.Image:
+    """Grey images of more than 8 bits as 8-bit grey. PIL's ``convert("RGB")`` clips integer values at 255 (a
+    16-bit PNG turns white) and truncates floats (an image in [0, 1] turns black); here 16-bit values are scaled
+    (``round(v / 257)``) and float ones are read as [0, 1], as float arrays are."""
+    if image.mode == "F":
+        values = np.asarray(image)
+        if not (np.all(np.isfinite(values)) and values.min() >= 0.0 and values.max() <= 1.0):
+            raise ValueError(f"{name}: a float image must lie in [0, 1], got [{values.min()}, {values.max()}]")
+        return _array_to_pil(values)
+    if image.mode == "I" or image.mode.startswith("I;16"):
+        values = np.asarray(image)
+        if values.min() < 0 or values.max() > 65535:
+            raise ValueError(f"{name}: a {image.mode} image must lie in [0, 65535] (16-bit), got "
+                             f"[{values.min()}, {values.max()}]")
+        return PIL.Image.fromarray(np.round(values / 257.0).astype(np.uint8))
+    return image
+
+
 def load_image(image) -> PIL.Image.Image:
     """An RGB PIL image from a path, a PIL image or a numpy array.
 
     Arrays: [H, W] / [H, W, 1] (grey), [H, W, 3] (RGB) or [H, W, 4] (RGBA), uint8 or float in
-    [0, 1]. Any mode is converted with ``convert("RGB")``: alpha is dropped, grey is replicated.
+    [0, 1]. Any mode is converted with ``convert("RGB")``: alpha is dropped, grey is replicated; 16-bit and float
+    grey images are first scaled to 8 bits (16-bit values / 257, floats as [0, 1]).
     Files get their EXIF orientation applied first, as diffusers.utils.load_image does.
     """
+    name = "image"
     if isinstance(image, (str, os.PathLike)):
+        name = os.fspath(image)
         image = _open_image_file(image)
     elif isinstance(image, np.ndarray):
         image = _array_to_pil(image)
     elif not isinstance(image, PIL.Image.Image):
         raise TypeError(f"image must be a path, a PIL.Image or a numpy array, got {type(image).__name__}")
+    image = _eight_bit(image, name)
     return image if image.mode == "RGB" else image.convert("RGB")
 
 

@@ -22,7 +22,7 @@ from PIL import Image
 from svd_jax.errors import os_error_line
 from svd_jax.store import atomic_dir, remove_stale_scratch, scratch_path
 
-__all__ = ["FILE_FORMATS", "check_destination", "check_format", "discard_partial", "frames_to_uint8", "open_video",
+__all__ = ["FILE_FORMATS", "check_destination", "check_format", "check_fps", "discard_partial", "frames_to_uint8", "open_video",
            "read_video", "save_video", "write_settings"]
 
 FILE_FORMATS = (".mp4", ".gif", ".webp")
@@ -176,6 +176,14 @@ def check_destination(path) -> tuple[Path, str]:
     return final, kind
 
 
+def check_fps(fps) -> None:
+    """A video's frame rate: a positive finite number (checked before a command generates anything)."""
+    if isinstance(fps, bool) or not isinstance(fps, (int, float, np.integer, np.floating)):
+        raise ValueError(f"fps must be a positive number, got {fps!r}")
+    if not (0 < fps < math.inf):
+        raise ValueError(f"fps must be positive and finite, got {fps!r}")
+
+
 def save_video(frames, path: str | os.PathLike, fps: float = 7) -> Path:
     """Save frames [F, H, W, 3] (float in [0, 1] or uint8; array or list of frames) and return the path.
 
@@ -183,10 +191,7 @@ def save_video(frames, path: str | os.PathLike, fps: float = 7) -> Path:
     or no extension / a trailing '/' for a folder of `frame_00000.png`, ... . The parent folder must
     exist. An existing file is replaced; an existing folder is replaced only when it is empty.
     """
-    if isinstance(fps, bool) or not isinstance(fps, (int, float, np.integer, np.floating)):
-        raise ValueError(f"fps must be a positive number, got {fps!r}")
-    if not (0 < fps < math.inf):
-        raise ValueError(f"fps must be positive and finite, got {fps!r}")
+    check_fps(fps)
     final, kind = check_destination(path)
     video = frames_to_uint8(frames)
     temporary = scratch_path(final, keep_suffix=kind != "folder")

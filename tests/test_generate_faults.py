@@ -70,6 +70,33 @@ def test_cli_refuses_nan_noise_aug_strength(tmp_path, capsys):
     assert [p.name for p in tmp_path.iterdir()] == ["in.png"]
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--fps", "0"], "fps must be positive and finite, got 0"),
+    (["--num-frames", "0"], "num_frames must be a positive integer, got 0"),
+    (["--num-inference-steps", "-1"], "num_inference_steps must be a positive integer, got -1"),
+    (["--decode-chunk-size", "0"], "decode_chunk_size must be a positive integer, got 0"),
+    (["--window-size", "2", "--window-stride", "0"], "window_stride must be a positive integer, got 0"),
+    (["--min-guidance-scale", "nan"], "guidance scales must be finite, got min_scale=nan, max_scale=3.0"),
+    (["--seed", str(2 ** 70)], f"seed must be an integer in [-2**63, 2**64), got {2 ** 70}"),
+], ids=["fps", "frames", "steps", "chunk", "stride", "guidance", "seed"])
+def test_cli_refuses_bad_numbers_before_loading(tmp_path, capsys, monkeypatch, args, message):
+    """Numbers that cannot make a video are one line and exit 2 before any model is loaded (fps 0 used to fail
+    only when the finished video was written)."""
+    from PIL import Image
+
+    from svd_jax import loader
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(loader, "load", refuse)
+    Image.fromarray(np.zeros((64, 96, 3), np.uint8)).save(tmp_path / "in.png")
+    code = cli(["generate", str(tmp_path / "in.png"), "-o", str(tmp_path / "out.gif"), "--model", "tiny", *args])
+    err = capsys.readouterr().err
+    assert code == 2 and err.strip().splitlines()[-1] == f"error: {message}", err
+    assert [p.name for p in tmp_path.iterdir()] == ["in.png"]
+
+
 def _identity_step(self, x, *args):
     return x
 

@@ -112,12 +112,16 @@ def test_bad_stored_config(copy, change, needle):
     _refused(copy, str(path), needle, verify=False)
 
 
-@pytest.mark.parametrize("damage", ["truncate", "delete", "metadata"])
+@pytest.mark.parametrize("damage", ["truncate", "halve", "empty", "delete", "metadata"])
 def test_damaged_checkpoint_without_verify_is_one_line(copy, damage):
-    """Skipping the checksum, orbax's own failure to read is still one line naming the checkpoint."""
+    """Skipping the checksum, orbax's own failure to read is still one line naming the checkpoint (also when orbax
+    wraps the storage layer's error in its own "Encountered error while reading array index")."""
     data = _data_files(copy)[0]
     if damage == "truncate":
         data.write_bytes(data.read_bytes()[:-10])
+    elif damage in ("halve", "empty"):  # the largest file: array data (the first may be an index)
+        largest = max(_data_files(copy), key=lambda p: p.stat().st_size)
+        largest.write_bytes(largest.read_bytes()[:largest.stat().st_size // 2] if damage == "halve" else b"")
     elif damage == "delete":
         data.unlink()
     else:
@@ -127,3 +131,18 @@ def test_damaged_checkpoint_without_verify_is_one_line(copy, damage):
     message = str(error.value)
     assert len(message.splitlines()) == 1 and "cannot read the checkpoint" in message, message
     assert str(copy / "image_encoder" / "params") in message
+
+
+def test_export_refuses_a_damaged_folder(copy, tmp_path, capsys):
+    """--to-diffusers checks the checksums as load does: a flipped byte is not exported as valid-looking weights."""
+    from convert.__main__ import main as convert_main
+
+    data = _data_files(copy)[0]
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    assert convert_main(["--to-diffusers", str(copy), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: {copy / 'image_encoder'}: its files differ from the checksum recorded when it was "
+                   "written (corrupted or edited); convert the source again, or pass verify=False to load anyway")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy"]

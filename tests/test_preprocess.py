@@ -247,3 +247,20 @@ def test_load_image_rejects_bad_shapes(array):
 def test_load_image_rejects_bad_values(array):
     with pytest.raises(ValueError, match="image array"):
         load_image(array)
+
+
+def test_load_image_scales_16_bit_and_float_grey_files(tmp_path):
+    """PIL's convert("RGB") would clip a 16-bit PNG to near white and truncate a float TIFF in [0, 1] to black;
+    they are scaled to 8 bits instead, as the same image saved in 8 bits reads."""
+    ramp = np.linspace(0.0, 1.0, 12 * 18).reshape(12, 18)
+    eight = np.round(ramp * 255).astype(np.uint8)
+    PIL.Image.fromarray(np.round(ramp * 65535).astype(np.uint16)).save(tmp_path / "sixteen.png")
+    PIL.Image.fromarray(ramp.astype(np.float32), "F").save(tmp_path / "float.tiff")
+    for name in ("sixteen.png", "float.tiff"):
+        assert PIL.Image.open(tmp_path / name).mode in ("I;16", "I", "F")
+        loaded = np.asarray(load_image(tmp_path / name))
+        assert np.abs(loaded.astype(int) - eight[..., None]).max() <= 1, name
+    PIL.Image.fromarray(np.full((8, 8), 2.0, np.float32), "F").save(tmp_path / "bright.tiff")
+    with pytest.raises(ValueError) as error:
+        load_image(tmp_path / "bright.tiff")
+    assert str(error.value).startswith(f"{tmp_path / 'bright.tiff'}: a float image must lie in [0, 1]")
