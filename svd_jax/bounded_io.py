@@ -17,6 +17,7 @@ import threading
 import time
 from typing import Callable
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -109,17 +110,20 @@ def save(path, tree, largest_bytes: int) -> None:
     """Save ``tree`` (numpy, jax and :class:`DeferredArray` leaves) as an orbax checkpoint at ``path``, writing numpy
     arrays without copying them and at most ``IN_FLIGHT_BYTES`` (or twice ``largest_bytes``) at once. If reading a
     deferred array fails, the other writes still end before its exception is raised here, so that the caller can
-    remove what was written."""
+    remove what was written. This process writes alone: with several processes (``jax.distributed``), the others
+    take no part (orbax would otherwise wait for them at its barriers)."""
     types = ocp.type_handlers
     limit = _in_flight_gb(largest_bytes)
     streaming = _StreamingNumpyHandler(int(limit * 1e9))
     registry = types.create_type_handler_registry(
         (DeferredArray, streaming),
         *[(kind, streaming if kind is np.ndarray else types.get_type_handler(kind)) for kind in types.supported_types()])
-    handler = ocp.PyTreeCheckpointHandler(save_concurrent_gb=limit, type_handler_registry=registry)
+    alone = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(), active_processes={jax.process_index()})
+    handler = ocp.PyTreeCheckpointHandler(save_concurrent_gb=limit, type_handler_registry=registry,
+                                          multiprocessing_options=alone)
     before = set(threading.enumerate())
     try:
-        with ocp.Checkpointer(handler) as checkpointer:
+        with ocp.Checkpointer(handler, multiprocessing_options=alone) as checkpointer:
             checkpointer.save(path, tree)
     except BaseException as e:  # an interrupt or a failure: the caller will remove what was written
         streaming.read_error = streaming.read_error or e  # the writes not yet started are skipped

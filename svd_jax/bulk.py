@@ -28,7 +28,7 @@ from typing import Iterable, Sequence
 
 import jax
 
-from svd_jax import preprocess, sharding, video
+from svd_jax import preprocess, processes, sharding, video
 from svd_jax.loader import SVDModels
 from svd_jax.pipeline import Pipeline
 from svd_jax.progress import progress_bar
@@ -38,7 +38,6 @@ __all__ = ["Job", "BatchSummary", "batch", "read_jobs", "process_share", "SETTIN
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 SUMMARY_NAME = "batch-summary.json"
-BARRIER_TIMEOUT_MS = 7 * 24 * 3600 * 1000  # processes that finished wait this long for the others (a week)
 # What a job may set per video: the pipeline call's own arguments, less those that are arrays or callbacks
 # (read from the signature, so a setting added to the pipeline is a job field at once).
 _NOT_SETTINGS = {"self", "image", "seed", "latents", "noise", "output_type", "callback_on_step_end", "progress",
@@ -258,7 +257,7 @@ def _gather(summary: BatchSummary, out_dir: Path, index: int, count: int) -> Bat
     a barrier, process 0 reads the parts."""
     part = out_dir / f".batch-summary.process-{index}"
     video.write_settings(part, dataclasses.asdict(summary))
-    _wait_for_all_processes("svd_jax.batch: all processes finished")
+    processes.wait_for_all("svd_jax.batch: all processes finished")
     if index != 0:
         return summary
     merged = BatchSummary()
@@ -267,13 +266,3 @@ def _gather(summary: BatchSummary, out_dir: Path, index: int, count: int) -> Bat
         merged.merge(BatchSummary(**json.loads(path.read_text())))
         path.unlink()
     return merged
-
-
-def _wait_for_all_processes(name: str) -> None:
-    """A barrier that waits as long as the slowest process's share takes. Not a device collective
-    (``multihost_utils.sync_global_devices``): the CPU collectives give up after 30 s, and one process may finish
-    its share hours before another (it skipped more). JAX has no public barrier of its distributed runtime's own;
-    its coordination-service client has one."""
-    from jax._src import distributed
-
-    distributed.global_state.client.wait_at_barrier(name, BARRIER_TIMEOUT_MS)

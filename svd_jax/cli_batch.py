@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from svd_jax import processes
+
 EXIT_FAILED_JOBS = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -30,27 +32,8 @@ def add_arguments(g: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add_generation_options(g)
     seed = next(a for a in g._actions if a.dest == "seed")
     seed.default, seed.help = 0, "job i without its own seed uses SEED + i, so a rerun makes the same videos"
-    multi = g.add_argument_group("several processes (each started with the same jobs and options)")
-    multi.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0, for processes started by "
-                       "hand; needs --num-processes and --process-id (default: one process)")
-    multi.add_argument("--num-processes", type=int, help="how many processes share the jobs, with --coordinator (default: 1)")
-    multi.add_argument("--process-id", type=int, help="this process's index, 0 to N-1, with --coordinator (default: 0)")
-    multi.add_argument("--distributed", action="store_true", help="set up from the cluster's environment "
-                       "(SLURM, TPU pod slices, ...: jax.distributed.initialize() with no arguments)")
+    processes.add_arguments(g, "the jobs")
     return g
-
-
-def _initialize(args: argparse.Namespace) -> None:
-    import jax
-
-    given = [args.coordinator, args.num_processes, args.process_id]
-    if any(v is not None for v in given) and not all(v is not None for v in given):
-        raise ValueError("--coordinator, --num-processes and --process-id go together")
-    if args.coordinator is not None:
-        jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
-                                   process_id=args.process_id)
-    elif args.distributed:
-        jax.distributed.initialize()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -69,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         if args.batch_size is not None and args.batch_size < 1:
             raise ValueError(f"--batch-size must be a positive integer, got {args.batch_size}")
         check_fps(sampler_settings(args).get("fps", 7))  # every video's frame rate, before any is made
-        _initialize(args)
+        processes.initialize(args)
     except (OSError, ValueError, RuntimeError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -71,6 +71,11 @@ def test_clips_are_a_pure_function_of_the_position(folder):
     position, batch = next(stream)
     stream.close()
     assert position == 5 and all(np.array_equal(x, y) for x, y in zip(batch, a))
+    # a process of several reads only its rows of each global batch: those one process reads there
+    stream = prefetch(clips, 5, 3, rows=range(1, 3))
+    (position, batch), (following, _) = next(stream), next(stream)
+    stream.close()
+    assert (position, following) == (5, 8) and all(np.array_equal(x, y[1:3]) for x, y in zip(batch, a))
 
 
 def test_video_frames_come_in_order_with_the_stride(folder):

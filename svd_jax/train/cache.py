@@ -18,6 +18,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from svd_jax import processes
 from svd_jax.store import atomic_dir
 from svd_jax.train.conditioning import ClipFeatures, encode_frames
 from svd_jax.train.data import VideoClips, fit_frame, to_minus1_1
@@ -62,20 +63,28 @@ def _encode_video(entry, clips: VideoClips, encoders, folder: Path, chunk: int) 
 
 def build_cache(clips: VideoClips, vae, image_encoder, cache_dir, model_id: str, chunk: int = 8,
                 progress: bool = True) -> Path:
-    """Encode every video of ``clips`` into ``cache_dir`` unless an up-to-date cache is there already."""
+    """Encode every video of ``clips`` into ``cache_dir`` unless an up-to-date cache is there already. With
+    several processes every process calls it: each encodes every ``process_count``-th video (with its local
+    devices), and process 0 writes the index once all are done."""
     from tqdm.auto import tqdm
 
     cache_dir = Path(cache_dir)
     fingerprint = _fingerprint(clips, model_id)
     index = cache_dir / INDEX_FILE
     if index.is_file() and json.loads(index.read_text()) == fingerprint:
-        return cache_dir
+        return cache_dir  # every process sees the same: the index is rewritten only after all have looked
     cache_dir.mkdir(parents=True, exist_ok=True)
-    index.unlink(missing_ok=True)
+    first, count = jax.process_index(), jax.process_count()
+    if first == 0:
+        index.unlink(missing_ok=True)
     encoders = (nnx.split(vae), nnx.split(image_encoder))
-    for i, entry in enumerate(tqdm(clips.entries, desc="caching latents", disable=not progress)):
+    share = list(enumerate(clips.entries))[first::count]
+    for i, entry in tqdm(share, desc="caching latents", disable=not progress):
         _encode_video(entry, clips, encoders, cache_dir / f"{i:06d}", chunk)
-    index.write_text(json.dumps(fingerprint))
+    processes.wait_for_all(f"svd_jax.train.cache {cache_dir.absolute()}: encoded")
+    if first == 0:
+        index.write_text(json.dumps(fingerprint))
+    processes.wait_for_all(f"svd_jax.train.cache {cache_dir.absolute()}: indexed")
     return cache_dir
 
 

@@ -1,7 +1,9 @@
 """``svd-jax train CONFIG``: fine-tune the UNet from a JSON/TOML config (see :mod:`svd_jax.train.config`).
 
 Trains on every local device (data parallel; ``shard_params = true`` in the config also splits parameters and
-optimizer state), resumes from ``output_dir/checkpoints`` when a checkpoint is there, shows a progress bar,
+optimizer state), or with several processes (``--coordinator HOST:PORT --num-processes N --process-id I``, or
+``--distributed`` on a cluster JAX reads its set-up from: :mod:`svd_jax.processes`) on every device of every
+process, each reading its own part of every batch; resumes from ``output_dir/checkpoints`` when a checkpoint is there, shows a progress bar,
 writes ``output_dir/losses.csv`` and the periodic samples, and at the end exports ``output_dir/model`` for
 ``svd_jax.load``. ``--set key=value`` overrides a config value (dotted key; the value is read as JSON when it
 parses, else as a string), e.g. ``--set optimizer.learning_rate=3e-5 --set data.cache_dir=cache``.
@@ -17,6 +19,8 @@ import argparse
 import json
 import sys
 
+from svd_jax import processes
+
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
@@ -29,6 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="override a config value, e.g. optimizer.learning_rate=3e-5 (repeatable; default: none)")
     parser.add_argument("--single-device", action="store_true", help="train on the first device only (default: all local devices)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    processes.add_arguments(parser, "one run: output_dir must be a folder every host sees")
     plan = parser.add_argument_group("memory plan (--plan: compile the train step without weights, do not train)")
     plan.add_argument("--plan", action="store_true",
                       help="print per-device memory (parameters, optimizer state, activations) and FLOPs per step, "
@@ -99,6 +104,10 @@ def run(args: argparse.Namespace) -> int:
     if any(getattr(args, k) not in (None, False, "local") for k in ("target", "devices", "budget", "remat", "json")):
         print("error: --target, --devices, --budget, --remat and --json apply only with --plan", file=sys.stderr)
         return EXIT_USAGE
+    if args.single_device and (args.coordinator is not None or args.distributed):
+        print("error: --single-device trains in one process; it does not go with --coordinator or --distributed",
+              file=sys.stderr)
+        return EXIT_USAGE
     import jax
 
     from svd_jax.loader import enable_compilation_cache
@@ -108,13 +117,20 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         config = load_config(args.config, _overrides(args))
-        enable_compilation_cache()
-        devices = jax.local_devices()
+        processes.initialize(args)
+        if jax.process_count() == 1 or jax.default_backend() == "gpu":
+            # Several processes share the cache only where JAX gives them one key per program (GPU); elsewhere
+            # only process 0 (its writer) would find its programs, and it would wait for the others' compilations
+            # at the first collective, which the CPU collectives give up on after 30 s.
+            enable_compilation_cache()
+        devices = jax.devices()  # every process's (the local ones in a single process)
         mesh = make_mesh(devices) if len(devices) > 1 and not args.single_device else None
         trainer = Trainer(config, mesh=mesh, progress=not args.no_progress)
-        print(f"training {trainer.num_trainable:,} parameters ({trainer.num_frozen:,} frozen) on "
-              f"{mesh.size if mesh is not None else 1} device(s)"
-              + (f", resuming at step {trainer.restored_step}" if trainer.restored_step is not None else ""))
+        if trainer.primary:
+            print(f"training {trainer.num_trainable:,} parameters ({trainer.num_frozen:,} frozen) on "
+                  f"{mesh.size if mesh is not None else 1} device(s)"
+                  + (f" of {jax.process_count()} processes" if jax.process_count() > 1 else "")
+                  + (f", resuming at step {trainer.restored_step}" if trainer.restored_step is not None else ""))
         trainer.run()
         path = trainer.export()
     except (OSError, ValueError) as e:
@@ -123,8 +139,9 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:  # the run waited for a checkpoint save in progress: the next run resumes from it
         print("\ninterrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
         return EXIT_INTERRUPTED
-    how = (f"svd_jax.load({config.model!r}, lora={str(path)!r})" if config.lora.enabled else "svd_jax.load")
-    print(f"wrote {path} (load it with {how}); losses in {trainer.log.path}")
+    if trainer.primary:
+        how = (f"svd_jax.load({config.model!r}, lora={str(path)!r})" if config.lora.enabled else "svd_jax.load")
+        print(f"wrote {path} (load it with {how}); losses in {trainer.log.path}")
     return 0
 
 

@@ -10,7 +10,9 @@ is conditioned on its rounded value minus one.
 
 Which clip comes at which position of the stream is a pure function of (seed, position): every epoch is a fresh
 permutation of the videos and every clip a fresh start frame. So the data position (clips consumed so far) is
-all a resumed run needs to continue with exactly the same clips.
+all a resumed run needs to continue with exactly the same clips, and with several processes each one reads the
+clips of its own rows of the global batch (:func:`prefetch`'s ``rows``), which are those a single process would
+have read at those rows.
 """
 
 from __future__ import annotations
@@ -211,15 +213,19 @@ def to_minus1_1(frames: np.ndarray) -> np.ndarray:
     return np.float32(2.0) * (frames.astype(np.float32) / np.float32(255.0)) - np.float32(1.0)
 
 
-def prefetch(source, start_position: int, batch_size: int, depth: int = 2) -> Iterator[tuple[int, object]]:
-    """``(position, source.batch(position, batch_size))`` for position = start, start + batch_size, ..., read
-    ``depth`` batches ahead in a background thread. The batches do not depend on the prefetching."""
+def prefetch(source, start_position: int, batch_size: int, rows: range | None = None,
+             depth: int = 2) -> Iterator[tuple[int, object]]:
+    """``(position, batch)`` for position = start, start + batch_size, ...: ``batch`` holds the clips at
+    ``position + rows`` (default: all ``batch_size`` of them; a process of several reads its own rows of each
+    global batch), read ``depth`` batches ahead in a background thread. The batches do not depend on the
+    prefetching."""
+    rows = range(batch_size) if rows is None else rows
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
         pending = []
         position = start_position
         while True:
             while len(pending) < depth:
-                pending.append((position, pool.submit(source.batch, position, batch_size)))
+                pending.append((position, pool.submit(source.batch, position + rows.start, len(rows))))
                 position += batch_size
             at, future = pending.pop(0)
             yield at, future.result()

@@ -6,6 +6,10 @@ divisible by the number of devices (the rule of :func:`svd_jax.sharding.param_sh
 the shape), so each device holds about 1/N of the trainable state and XLA gathers a layer's weights where it is
 used. Without ``shard_params`` they are replicated. Scalars (the step, optimizer counters) and the RNG key are
 replicated.
+
+Several processes (one per host or per GPU, the mesh over all of their devices): each process reads only the
+rows of a batch that its own devices hold (:func:`local_rows`) and :func:`place_batch` assembles the global
+batch from every process's part, so no host loads another's clips.
 """
 
 from __future__ import annotations
@@ -44,7 +48,30 @@ def place_tree(tree, layout: Layout, shard: bool = True):
     jitted step sees the same placement before and after its first call and compiles once."""
     if layout.mesh is None:
         return jax.device_put(tree, jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
-    return jax.device_put(tree, tree_shardings(tree, layout if shard else layout._replace(shard_params=False)))
+    return jax.tree.map(_put, tree, tree_shardings(tree, layout if shard else layout._replace(shard_params=False)))
+
+
+def _put(array, target):
+    """``array`` (the same on every process) placed with ``target``; over several processes each places its own
+    devices' parts of a local array (no transfer between hosts)."""
+    if target.is_fully_addressable or (isinstance(array, jax.Array) and not array.is_fully_addressable):
+        return jax.device_put(array, target)
+    return jax.make_array_from_callback(array.shape, target, lambda index: array[index])
+
+
+def gather_tree(tree):
+    """``tree`` with every array whole on this process: arrays split across processes are gathered (a
+    collective: every process calls it with the same tree), replicated ones give their local copy, others stay."""
+    from jax.experimental import multihost_utils
+
+    def whole(a):
+        if not isinstance(a, jax.Array) or a.is_fully_addressable:
+            return a
+        if a.is_fully_replicated:
+            return a.addressable_data(0)
+        return multihost_utils.process_allgather(a, tiled=True)
+
+    return jax.tree.map(whole, tree)
 
 
 def check_batch_size(batch_size: int, layout: Layout) -> None:
@@ -53,8 +80,24 @@ def check_batch_size(batch_size: int, layout: Layout) -> None:
                          f"({layout.mesh.size}) for data-parallel training")
 
 
-def place_batch(tree, layout: Layout):
-    """Split every array of a batch along its first axis across the mesh."""
+def local_rows(batch_size: int, layout: Layout) -> range:
+    """The rows of a global batch of ``batch_size`` that this process's devices hold: all of them in one process,
+    a contiguous block of them per process on a mesh over several (the rows each process reads from disk)."""
+    if layout.mesh is None:
+        return range(batch_size)
+    blocks = {index[0].indices(batch_size)[:2] for index in
+              sharding.rows(layout.mesh, batch_size, 1).addressable_devices_indices_map((batch_size,)).values()}
+    start, stop = min(b[0] for b in blocks), max(b[1] for b in blocks)
+    if sum(b - a for a, b in blocks) != stop - start:
+        raise ValueError("this process's devices are not neighbours on the mesh's data axis (build the mesh with "
+                         "svd_jax.sharding.make_mesh(), which orders the devices by process)")
+    return range(start, stop)
+
+
+def place_batch(tree, layout: Layout, batch_size: int):
+    """One global batch of ``batch_size`` rows from every process's :func:`local_rows` of it (host arrays),
+    split along the first axis across the mesh; as it is without a mesh."""
     if layout.mesh is None:
         return tree
-    return jax.tree.map(lambda a: jax.device_put(a, sharding.rows(layout.mesh, a.shape[0], a.ndim)), tree)
+    return jax.tree.map(lambda a: jax.make_array_from_process_local_data(
+        sharding.rows(layout.mesh, batch_size, a.ndim), a, (batch_size, *a.shape[1:])), tree)

@@ -11,6 +11,12 @@
 * ``output_dir/model/``: the fine-tuned UNet with the base VAE and image encoder, loadable with
   :func:`svd_jax.load`; with ``[lora]``, ``output_dir/lora.safetensors`` instead: the adapters alone
   (:mod:`svd_jax.lora`), for ``svd_jax.load(base, lora=...)``.
+
+Several processes (after ``jax.distributed.initialize()``, with a mesh over every process's devices) run the
+same ``Trainer(config, mesh).run()``: each reads only its own rows of every batch, all of them save and restore
+the sharded checkpoints together (orbax coordinates them; ``output_dir`` must be one folder every host sees), and
+process 0 alone writes ``losses.csv`` and the exported model. Sample videos are written by a single process
+only (with several, ``sample.every`` is ignored with a warning: export the model and generate from it).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import dataclasses
 import functools
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +45,7 @@ from svd_jax.train.conditioning import ClipFeatures, encode_clips
 from svd_jax.train.config import TrainConfig
 from svd_jax.train.data import VideoClips, prefetch
 from svd_jax.train.params import num_values, prepare_unet, training_policy
-from svd_jax.train.placement import Layout, check_batch_size, place_batch, place_tree
+from svd_jax.train.placement import Layout, check_batch_size, gather_tree, local_rows, place_batch, place_tree
 from svd_jax.train.step import TrainState, TrainStep, init_state
 
 LOSS_COLUMNS = ("step", "loss", "grad_norm", "learning_rate")
@@ -52,12 +59,16 @@ def _encode_clips(vae_graph, vae_state, encoder_graph, encoder_state, frames, fp
 
 
 class LossLog:
-    """``losses.csv``, appended step by step; ``truncate(step)`` drops the rows after ``step``."""
+    """``losses.csv``, appended step by step; ``truncate(step)`` drops the rows after ``step``. With
+    ``writer=False`` (every process but the first of several) it reads but never writes."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, writer: bool = True):
         self.path = path
+        self.writer = writer
 
     def truncate(self, step: int) -> None:
+        if not self.writer:
+            return
         rows = self.read()
         self._write([r for r in rows if r["step"] <= step], "w")
 
@@ -68,7 +79,8 @@ class LossLog:
             return [{k: (int(v) if k == "step" else float(v)) for k, v in row.items()} for row in csv.DictReader(f)]
 
     def append(self, rows: list[dict[str, float]]) -> None:
-        self._write(rows, "a")
+        if self.writer:
+            self._write(rows, "a")
 
     def _write(self, rows, mode: str) -> None:
         new = mode == "w" or not self.path.is_file()
@@ -81,17 +93,27 @@ class LossLog:
 
 class Trainer:
     """Builds everything from a :class:`TrainConfig`; ``mesh`` (:func:`svd_jax.sharding.make_mesh`) trains data
-    parallel across its devices, with ``config.shard_params`` splitting parameters and optimizer state."""
+    parallel across its devices, with ``config.shard_params`` splitting parameters and optimizer state. With
+    several processes the mesh must span every process's devices (``make_mesh()`` after
+    ``jax.distributed.initialize()``) and every process runs the same calls."""
 
     def __init__(self, config: TrainConfig, mesh: Mesh | None = None, progress: bool = True):
         self.config = config
         self.mesh = mesh
-        self.progress = progress
+        self.primary = jax.process_index() == 0  # the process that writes the files all processes share
+        if jax.process_count() > 1 and (mesh is None or mesh.size != jax.device_count()):
+            raise ValueError(f"with {jax.process_count()} processes the mesh must span all {jax.device_count()} "
+                             "devices of all of them (svd_jax.sharding.make_mesh())")
+        self.progress = progress and self.primary
         self.output = Path(config.output_dir)
         self.output.mkdir(parents=True, exist_ok=True)
         remove_stale_scratch(self.output)  # what a killed run's export left (its checkpoints: Checkpoints)
         self.layout = Layout(mesh, config.shard_params, config.shard_min_size)
         check_batch_size(config.batch_size, self.layout)
+        self.rows = local_rows(config.batch_size, self.layout)  # this process's rows of every batch
+        if config.sample.every and jax.process_count() > 1 and self.primary:
+            warnings.warn("sample.every is ignored with several processes (no sample videos are written); "
+                          "generate from the exported model instead", stacklevel=2)
 
         # The frozen encoders run in float32 (as diffusers' force_upcast VAE encode), so the latents and embeddings
         # do not depend on compute_dtype.
@@ -113,7 +135,7 @@ class Trainer:
             encoders = {k: v for k, v in self.base.manifest.get("components", {}).items() if k != "unet"}
             model_id = f"{config.model} {json.dumps(encoders, sort_keys=True)}"
             build_cache(self.clips, self.base.vae, self.base.image_encoder, config.data.cache_dir, model_id,
-                        progress=progress)
+                        progress=self.progress)
             self.cached = CachedClips(self.clips, config.data.cache_dir, model_id)
 
         self.step_fn = TrainStep(self.unet, self.base.vae, config.objective, config.optimizer, self.layout)
@@ -124,7 +146,7 @@ class Trainer:
         self._step = 0
         self._sampler = None  # the Pipeline writing sample videos, made at the first one
         self.checkpoints = Checkpoints(self.output / "checkpoints", config.keep_checkpoints)
-        self.log = LossLog(self.output / "losses.csv")
+        self.log = LossLog(self.output / "losses.csv", writer=self.primary)
         latest = self.checkpoints.latest()
         self.restored_step = None if latest is None else self.restore(latest)
         if latest is None:
@@ -152,19 +174,24 @@ class Trainer:
         meta = {"data_position": self.position, "step": self.step, "config": self.config.to_dict()}
         self.checkpoints.save(self.step, self.state, self.frozen, meta)
 
-    def unet_module(self):
+    def unet_module(self, whole: bool = False):
         """The UNet with the current parameters, in inference mode (no adapter dropout; shares the state's arrays:
-        use it before the next step)."""
-        module = self.unet.merge(self.state.params, self.frozen)
+        use it before the next step). ``whole``: every array complete on this process (arrays split across
+        processes are gathered: a collective, so every process calls it)."""
+        params, frozen = (gather_tree(t) for t in (self.state.params, self.frozen)) if whole else (
+            self.state.params, self.frozen)
+        module = self.unet.merge(params, frozen)
         module.eval()
         return module
 
     # ---- data -------------------------------------------------------------------------------------------
 
     def features(self, batch) -> ClipFeatures:
+        """The features of a batch (host arrays): this process's rows (:attr:`rows`) of the global batch."""
+        size = len(batch[0]) * self.config.batch_size // len(self.rows)  # the global batch's (one process: batch's)
         if self.cached is not None:
-            return place_batch(ClipFeatures(*(jnp.asarray(a) for a in batch)), self.layout)
-        frames, fps_id, motion = place_batch(tuple(jnp.asarray(a) for a in batch), self.layout)
+            return place_batch(ClipFeatures(*(jnp.asarray(a) for a in batch)), self.layout, size)
+        frames, fps_id, motion = place_batch(tuple(jnp.asarray(a) for a in batch), self.layout, size)
         return _encode_clips(self.vae_graph, self.vae_state, self.encoder_graph, self.encoder_state, frames, fps_id,
                              motion)
 
@@ -179,7 +206,7 @@ class Trainer:
         rows, pending = [], []
         source = self.cached if self.cached is not None else self.clips
         bar = tqdm(total=until, initial=self.step, desc="training", disable=not self.progress)
-        batches = prefetch(source, self.position, c.batch_size)
+        batches = prefetch(source, self.position, c.batch_size, self.rows)
         start = time.perf_counter()
         try:
             while self.step < until:
@@ -198,7 +225,7 @@ class Trainer:
                 bar.update(1)
                 if step % c.checkpoint_every == 0 or step == until:
                     self.save_checkpoint()
-                if c.sample.every and (step % c.sample.every == 0 or step == until):
+                if c.sample.every and jax.process_count() == 1 and (step % c.sample.every == 0 or step == until):
                     self.write_sample()
         finally:
             rows += self._flush(pending)
@@ -235,6 +262,8 @@ class Trainer:
         from svd_jax.pipeline import Pipeline
         from svd_jax.video import save_video
 
+        if jax.process_count() > 1:
+            raise ValueError("sample videos are written by a single process; export the model and generate from it")
         c, s = self.config, self.config.sample
         path = Path(path) if path else self.output / "samples" / f"step-{self.step:07d}.mp4"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -251,16 +280,23 @@ class Trainer:
 
     def export(self, destination=None) -> Path:
         """Write the fine-tuned models as a folder :func:`svd_jax.load` reads (default ``output_dir/model``), or
-        with LoRA the adapters alone (default ``output_dir/lora.safetensors``, for ``load(base, lora=...)``)."""
+        with LoRA the adapters alone (default ``output_dir/lora.safetensors``, for ``load(base, lora=...)``).
+        With several processes every process calls it (parameters split across them are gathered) and process 0
+        writes; all return the path."""
+        module = self.unet_module(whole=True)
         if self.config.lora.enabled:
-            base = {"model": str(self.config.model), "source": self.base.manifest.get("source"),
-                    "converter_version": self.base.manifest.get("converter_version"),
-                    "unet": self.base.manifest.get("components", {}).get("unet")}
-            settings = {**dataclasses.asdict(self.config.lora), "steps": self.step}
-            return lora.save_adapters(Path(destination) if destination else self.output / LORA_FILE,
-                                      self.unet_module(), settings, base)
-        destination = Path(destination) if destination else self.output / "model"
-        note: dict[str, Any] = {"base_model": str(self.config.model), "steps": self.step,
-                                "trainable": self.config.optimizer.trainable}
-        return save_models(destination, {"image_encoder": self.base.image_encoder, "unet": self.unet_module(),
-                                         "vae": self.base.vae}, note, self.base.manifest)
+            path = Path(destination) if destination else self.output / LORA_FILE
+            if self.primary:
+                base = {"model": str(self.config.model), "source": self.base.manifest.get("source"),
+                        "converter_version": self.base.manifest.get("converter_version"),
+                        "unet": self.base.manifest.get("components", {}).get("unet")}
+                settings = {**dataclasses.asdict(self.config.lora), "steps": self.step}
+                lora.save_adapters(path, module, settings, base)
+            return path
+        destination = Path(destination).absolute() if destination else (self.output / "model").absolute()
+        if self.primary:
+            note: dict[str, Any] = {"base_model": str(self.config.model), "steps": self.step,
+                                    "trainable": self.config.optimizer.trainable}
+            save_models(destination, {"image_encoder": self.base.image_encoder, "unet": module,
+                                      "vae": self.base.vae}, note, self.base.manifest)
+        return destination
