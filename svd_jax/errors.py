@@ -7,6 +7,7 @@ The command line prints these lines as ``error: ...`` and exits 2; the library r
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import re
@@ -107,9 +108,20 @@ def stage(name: str, lower: str):
         raise OutOfMemory(f"out of memory while {name}: lower {lower}") from e
 
 
-def check_finite(array, what: str) -> None:
-    """Raise :class:`NonFiniteError` if ``array`` holds NaN or infinity (one device-to-host transfer of a flag)."""
+@functools.cache
+def _all_finite_program():
+    """``isfinite(array).all()`` as one jitted program (eagerly it is two, compiled per shape in every new
+    process); built on first use, as this module is imported before JAX."""
+    import jax
     import jax.numpy as jnp
 
-    if not bool(jnp.isfinite(array).all()):
+    def all_finite(array):
+        return jnp.isfinite(array).all()
+
+    return jax.jit(all_finite)
+
+
+def check_finite(array, what: str) -> None:
+    """Raise :class:`NonFiniteError` if ``array`` holds NaN or infinity (one device-to-host transfer of a flag)."""
+    if not bool(_all_finite_program()(array)):
         raise NonFiniteError(f"{what} hold NaN or infinity: the weights or the inputs are broken")

@@ -66,9 +66,31 @@ def _encode_image(graph, state, clip_pixels):
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
-def _encode_latents(graph, state, pixels):
+def _encode_latents(graph, state, pixels, noise=None, noise_strength=None):
+    """The VAE posterior's mean of ``pixels``, with ``noise_strength * noise`` added first when given."""
+    if noise is not None:
+        pixels = pixels + noise_strength * noise
     mean, _ = nnx.merge(graph, state).encode(pixels)
     return mean.astype(jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames="guided")
+def _conditioning_rows(embeds, image_latents, time_row, guided: bool):
+    """The UNet's conditioning rows: ``embeds [B, 1, D]``, ``image_latents`` and ``time_ids`` (``time_row`` per
+    video), with the unconditional rows (zero embeddings and latents) first when ``guided``."""
+    embeds, time_ids = embeds[:, None, :], jnp.tile(time_row[None], (embeds.shape[0], 1))
+    if guided:
+        embeds = jnp.concatenate([jnp.zeros_like(embeds), embeds])
+        image_latents = jnp.concatenate([jnp.zeros_like(image_latents), image_latents])
+        time_ids = jnp.concatenate([time_ids, time_ids])
+    return embeds, image_latents, time_ids
+
+
+@functools.partial(jax.jit, static_argnames="as_uint8")
+def _output_frames(frames, as_uint8: bool):
+    """The decoder's [-1, 1] frames as float32 in [0, 1], or rounded to uint8."""
+    frames = jnp.clip(frames.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+    return jnp.round(frames * 255).astype(jnp.uint8) if as_uint8 else frames
 
 
 def _is_float32(module) -> bool:
@@ -153,26 +175,23 @@ class Pipeline(Sampling):
         with stage("encoding the conditioning image", "height and width, or the number of images"):
             clip_pixels = jnp.concatenate([_clip_preprocess(preprocess.clip_input(im), size=clip_size)
                                            for im in images])
-            embeds = _encode_image(*self._split(models.image_encoder, "image_encoder"), clip_pixels)[:, None, :]
-            pixels = jnp.stack([preprocess.prepare_image(im, height, width) for im in images])
-            image_latents = _encode_latents(*self._split(self._encoding_vae(), "vae_encoder"),
-                                            pixels + noise_aug_strength * aug_noise)
-        time_ids = jnp.tile(jnp.asarray([[fps - 1, motion_bucket_id, noise_aug_strength]], jnp.float32), (batch, 1))
+            embeds = _encode_image(*self._split(models.image_encoder, "image_encoder"), clip_pixels)
+            pixels = np.stack([preprocess.prepare_image(im, height, width) for im in images])
+            image_latents = _encode_latents(*self._split(self._encoding_vae(), "vae_encoder"), pixels, aug_noise,
+                                            np.float32(noise_aug_strength))
         guided = max_guidance_scale > 1.0
-        if guided:
-            embeds = jnp.concatenate([jnp.zeros_like(embeds), embeds])
-            image_latents = jnp.concatenate([jnp.zeros_like(image_latents), image_latents])
-            time_ids = jnp.concatenate([time_ids, time_ids])
+        embeds, image_latents, time_ids = _conditioning_rows(
+            embeds, image_latents, np.array([fps - 1, motion_bucket_id, noise_aug_strength], np.float32), guided)
         scales = scheduler.guidance_scales(min_guidance_scale, max_guidance_scale, num_frames, kind=guidance)
         embeds, image_latents, time_ids = (sharding.place_rows(a, self.mesh) for a in (embeds, image_latents, time_ids))
-        return Conditioning(embeds, image_latents, time_ids, jnp.asarray(scales) if guided else None)
+        return Conditioning(embeds, image_latents, time_ids, jax.device_put(scales) if guided else None)
 
     def encode_latents(self, image, *, height: int | None = None, width: int | None = None) -> jax.Array:
         """The scaled VAE latent of each clean image ``[B, h, w, C]`` (the posterior's mode times the VAE's
         scaling factor): what a keyframe's latent frame is pinned to."""
         size = self._settings(height=height, width=width)
         check_size(size["height"], size["width"], self.models.unet.config, self.models.vae.config)
-        pixels = jnp.stack([preprocess.prepare_image(im, size["height"], size["width"]) for im in _images(image)])
+        pixels = np.stack([preprocess.prepare_image(im, size["height"], size["width"]) for im in _images(image)])
         mean = _encode_latents(*self._split(self._encoding_vae(), "vae_encoder"), pixels)
         return sharding.place_rows(mean * jnp.float32(self.models.vae.config.scaling_factor), self.mesh)
 
@@ -198,11 +217,8 @@ class Pipeline(Sampling):
             frames = jnp.concatenate([decode_latents(self.models.vae, latents[b:b + 1],
                                                      decode_chunk_size or num_frames) for b in range(latents.shape[0])])
         check_finite(frames, "the decoded frames")
-        frames = jnp.clip(frames.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
-        if output_type in ("uint8", "pil"):
-            frames = np.asarray(jnp.round(frames * 255)).astype(np.uint8)
-            return [[PIL.Image.fromarray(f) for f in v] for v in frames] if output_type == "pil" else frames
-        return np.asarray(frames)
+        frames = np.asarray(_output_frames(frames, as_uint8=output_type != "np"))
+        return [[PIL.Image.fromarray(f) for f in v] for v in frames] if output_type == "pil" else frames
 
     def __call__(self, image, *, height: int | None = None, width: int | None = None,
                  num_frames: int | None = None, num_inference_steps: int | None = None, sigmas: Sequence[float] | None = None,

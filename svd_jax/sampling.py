@@ -7,6 +7,7 @@ video alone.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Sequence
 
 import jax
@@ -17,15 +18,20 @@ from svd_jax import keyframes, long_video, samplers, scheduler, sharding
 from svd_jax.denoiser import Conditioning
 from svd_jax.errors import check_finite, stage
 from svd_jax.progress import StepBar
-from svd_jax.settings import positive_int, seed_key, seeds
+from svd_jax.settings import positive_int, seed_key, seed_keys, seeds
 from svd_jax.step_cache import CachedDenoiser
 
 
 def seeded_noise(seeds: list[int], shape, part: int) -> jax.Array:
     """Per video, from its own seed's key split in two: part 0 is the augmentation noise [H, W, 3], part 1 the
     initial latent noise [F, h, w, C]."""
-    return jnp.stack([jax.random.normal(jax.random.split(seed_key(s))[part], shape, jnp.float32)
-                      for s in seeds])
+    return _noise_rows(seed_keys(seeds), tuple(shape), part)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _noise_rows(keys, shape: tuple, part: int) -> jax.Array:
+    """One program for every video's noise (per key: the same values as drawing from that key alone)."""
+    return jax.vmap(lambda key: jax.random.normal(jax.random.split(key)[part], shape, jnp.float32))(keys)
 
 
 def checked_array(value, shape, name: str) -> jax.Array:
@@ -70,7 +76,7 @@ class Sampling:
             noise = checked_array(latents, (batch, *latent_shape), "latents")
         else:
             noise = seeded_noise(chosen, latent_shape, 1)
-        x = sharding.place_rows(noise * jnp.float32(sched.init_noise_sigma), self.mesh, conditioning.image_latents)
+        x = sharding.place_rows(noise * np.float32(sched.init_noise_sigma), self.mesh, conditioning.image_latents)
         if sampler != "euler" or sampler_options or cache_interval != 1:
             denoiser = (self.denoiser(conditioning) if cache_interval == 1 else
                         CachedDenoiser(*self._split(self.models.unet, "unet"), conditioning, cache_interval, self.mesh))
@@ -152,7 +158,7 @@ class Sampling:
         starts = long_video.window_starts(num_frames, window_size, stride)
         windowed = long_video.WindowedDenoiser(
             self.denoiser(long_video.window_conditioning(conditioning, len(starts))), num_frames, window_size, stride)
-        x = sharding.place_rows(noise * jnp.float32(sched.init_noise_sigma), self.mesh, conditioning.image_latents)
+        x = sharding.place_rows(noise * np.float32(sched.init_noise_sigma), self.mesh, conditioning.image_latents)
         with stage("sampling", "num_frames, the window size, height and width, or the number of images"):
             x = self._sample_with(sampler, windowed, x, sched.sigmas, video_seeds, sampler_options,
                                   callback_on_step_end, progress)
@@ -181,7 +187,7 @@ class Sampling:
         noise = (checked_array(latents, (batch, *latent_shape), "latents") if latents is not None
                  else seeded_noise(video_seeds, latent_shape, 1))
         (start_pair, scales), (end_pair, _) = (keyframes.paired(c, guidance_scale, num_frames) for c in (start, end))
-        x = sharding.place_rows(noise * jnp.float32(sched.init_noise_sigma), self.mesh, start.image_latents)
+        x = sharding.place_rows(noise * np.float32(sched.init_noise_sigma), self.mesh, start.image_latents)
         renoise = keyframes.seeded_noise_sampler([jax.random.fold_in(seed_key(s), 2) for s in video_seeds],
                                                    latent_shape)
         with stage("sampling", "num_frames, height and width, or the number of images"), \

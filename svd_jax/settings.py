@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
+from collections.abc import Sequence
 from collections.abc import Iterator, Mapping
 
 import numpy as np
@@ -144,4 +145,16 @@ def seed_key(seed: int):
     below 2**32 gives the key ``jax.random.key(seed)`` gives."""
     import jax
 
-    return jax.random.wrap_key_data(np.array([seed >> 32, seed & 0xFFFFFFFF], np.uint32), impl="threefry2x32")
+    return jax.random.wrap_key_data(_key_words(seed), impl="threefry2x32")
+
+
+def seed_keys(seed_list: Sequence[int]):
+    """The keys of :func:`seed_key` for several seeds, as one key array ``[len(seed_list)]``."""
+    import jax
+
+    words = np.stack([_key_words(seed) for seed in seed_list]) if seed_list else np.zeros((0, 2), np.uint32)
+    return jax.random.wrap_key_data(words, impl="threefry2x32")
+
+
+def _key_words(seed: int) -> np.ndarray:
+    return np.array([seed >> 32, seed & 0xFFFFFFFF], np.uint32)

@@ -219,9 +219,21 @@ def decode_latents(vae, latents, decode_chunk_size: int | None = None):
     chunk = f if decode_chunk_size is None else decode_chunk_size
     if not isinstance(chunk, numbers.Integral) or isinstance(chunk, bool) or chunk < 1:
         raise ValueError(f"decode_chunk_size must be a positive int, got {decode_chunk_size!r}")
-    flat = jnp.asarray(latents).reshape(b * f, *latents.shape[2:]) * (1.0 / vae.config.scaling_factor)
+    flat = _unscaled_frames(latents, 1.0 / vae.config.scaling_factor)
     graphdef, state = nnx.split(vae)
     chunk = int(chunk)
-    frames = [_decode(graphdef, state, flat[i:i + chunk], min(chunk, b * f - i)) for i in range(0, b * f, chunk)]
-    frames = jnp.concatenate(frames, axis=0)
-    return frames.reshape(b, f, *frames.shape[1:]).astype(jnp.float32)
+    frames = [_decode(graphdef, state, flat[i:i + chunk] if chunk < b * f else flat, min(chunk, b * f - i))
+              for i in range(0, b * f, chunk)]
+    return _videos(frames, b)
+
+
+# The reshapes and scaling around the decoder, one program each (eagerly, several per new shape and process).
+@functools.partial(jax.jit, static_argnums=1)
+def _unscaled_frames(latents, factor: float):
+    return jnp.reshape(latents, (-1, *latents.shape[2:])) * factor
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _videos(chunks: list, num_videos: int):
+    frames = jnp.concatenate(chunks, axis=0)
+    return frames.reshape(num_videos, -1, *frames.shape[1:]).astype(jnp.float32)

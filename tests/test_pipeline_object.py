@@ -116,13 +116,38 @@ def test_load_leaves_jax_config_unchanged():
 
 
 
-def test_one_denoising_program_per_shape():
-    """The first step's latents are placed like the steps' outputs, so a new size compiles the fused step once,
-    not once for the first step and again for the rest; a callback that returns host arrays adds no program."""
+
+def test_a_new_size_compiles_one_program_per_stage():
+    """A new size compiles each stage once as one program: the fused Euler step once (the first step's latents are
+    placed like the steps' outputs), and no eager elementwise operations in between (each of those would be one
+    more compilation per shape in every new process); a callback that returns host arrays adds nothing."""
+    import logging
+
     from svd_jax import denoiser
 
     models = svd_jax.load("tiny", policy=svd_jax.Policy.float32())
-    before = denoiser._euler_step._cache_size()
-    svd_jax.generate(IMAGE, models, **{**ARGS, "height": 40, "width": 40, "num_inference_steps": 3},  # a new size
-                     callback_on_step_end=lambda step, sigma, x: np.asarray(x))
-    assert denoiser._euler_step._cache_size() == before + 1
+    compiled = []
+
+    class Programs(logging.Handler):
+        def emit(self, record):
+            message = record.getMessage()
+            if message.startswith("Compiling "):
+                compiled.append(message.split(" ")[1])
+
+    handler, jax_logger = Programs(), logging.getLogger("jax")
+    jax_logger.addHandler(handler)
+    steps_before = denoiser._euler_step._cache_size()
+    try:
+        with jax.log_compiles(True):
+            svd_jax.generate(IMAGE, models, **{**ARGS, "height": 40, "width": 40, "num_inference_steps": 3,
+                                               "output_type": "uint8"},  # a size no other test uses
+                             callback_on_step_end=lambda step, sigma, x: np.asarray(x))
+    finally:
+        jax_logger.removeHandler(handler)
+    assert denoiser._euler_step._cache_size() == steps_before + 1
+    stages = {"jit(clip_preprocess)", "jit(_encode_image)",  # once per process (CLIP's input size is fixed)
+              "jit(copy)",  # the step donates its input: with a callback, the kept array is copied
+              "jit(_noise_rows)", "jit(_encode_latents)", "jit(_conditioning_rows)", "jit(multiply)",
+              "jit(_euler_step)", "jit(all_finite)", "jit(_unscaled_frames)", "jit(_decode)", "jit(_videos)",
+              "jit(_output_frames)"}
+    assert set(compiled) <= stages, sorted(set(compiled) - stages)
