@@ -164,6 +164,8 @@ def check_destination(path) -> tuple[Path, str]:
     """Validate an output path before any work is done: known format, existing parent folder, and no
     non-empty folder in the way. Returns the final path and its format (an extension or "folder")."""
     final, kind = _destination(path)
+    if final.parent.exists() and not final.parent.is_dir():
+        raise NotADirectoryError(f"output folder {str(final.parent)!r} is a file, not a folder")
     if not final.parent.is_dir():
         raise FileNotFoundError(f"output folder {str(final.parent)!r} does not exist")
     if kind == "folder":

@@ -78,7 +78,8 @@ def test_cli_refuses_nan_noise_aug_strength(tmp_path, capsys):
     (["--window-size", "2", "--window-stride", "0"], "window_stride must be a positive integer, got 0"),
     (["--min-guidance-scale", "nan"], "guidance scales must be finite, got min_scale=nan, max_scale=3.0"),
     (["--seed", str(2 ** 70)], f"seed must be an integer in [-2**63, 2**64), got {2 ** 70}"),
-], ids=["fps", "frames", "steps", "chunk", "stride", "guidance", "seed"])
+    (["-o", "{tmp}/in.png/out.gif"], "output folder '{tmp}/in.png' is a file, not a folder"),
+], ids=["fps", "frames", "steps", "chunk", "stride", "guidance", "seed", "parent-is-a-file"])
 def test_cli_refuses_bad_numbers_before_loading(tmp_path, capsys, monkeypatch, args, message):
     """Numbers that cannot make a video are one line and exit 2 before any model is loaded (fps 0 used to fail
     only when the finished video was written)."""
@@ -91,6 +92,7 @@ def test_cli_refuses_bad_numbers_before_loading(tmp_path, capsys, monkeypatch, a
 
     monkeypatch.setattr(loader, "load", refuse)
     Image.fromarray(np.zeros((64, 96, 3), np.uint8)).save(tmp_path / "in.png")
+    args, message = [a.format(tmp=tmp_path) for a in args], message.format(tmp=tmp_path)
     code = cli(["generate", str(tmp_path / "in.png"), "-o", str(tmp_path / "out.gif"), "--model", "tiny", *args])
     err = capsys.readouterr().err
     assert code == 2 and err.strip().splitlines()[-1] == f"error: {message}", err

@@ -163,3 +163,32 @@ def test_cli_trains_resumes_and_writes_samples(setup, capsys):
     assert steps == ["2", "3"]  # the last two kept
     assert main([str(root / "train.json"), "--set", "optimizer.trainable=\"nothing\""]) == 2
     assert "optimizer.trainable must be one of" in capsys.readouterr().err
+
+
+def test_loss_log_ignores_a_row_cut_short(tmp_path):
+    """A run killed while appending leaves a last line without its newline: it is not read as a row (it would be
+    a row of missing or truncated numbers), and the resume's truncate rewrites the file without it."""
+    log = LossLog(tmp_path / "losses.csv")
+    log.truncate(0)
+    rows = [{"step": s, "loss": 0.5, "grad_norm": 1.0, "learning_rate": 1e-3} for s in (1, 2)]
+    log.append(rows)
+    with log.path.open("a") as f:
+        f.write("3,0.25,1.")
+    assert log.read() == rows
+    log.truncate(2)
+    assert log.read() == rows and log.path.read_text().endswith("0.001\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["losses.csv"]
+
+
+def test_a_cut_short_cache_index_is_not_a_cache(tmp_path):
+    """The index that marks a latent cache complete, cut short by a killed run, means "no cache" (it is built
+    again), not a JSON traceback."""
+    from svd_jax.train.config import DataConfig
+    from svd_jax.train.data import VideoClips
+
+    data = write_frame_folders(tmp_path / "data", videos=1, frames=3)
+    clips = VideoClips(DataConfig(path=str(data), num_frames=3, height=32, width=32), seed=0)
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "index.json").write_text('{"format": ')
+    with pytest.raises(ValueError, match="not an up-to-date latent cache"):
+        CachedClips(clips, tmp_path / "cache", "model")

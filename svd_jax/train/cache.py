@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from pathlib import Path
 
 import jax
@@ -19,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from svd_jax import processes
-from svd_jax.store import atomic_dir
+from svd_jax.store import atomic_dir, scratch_path
 from svd_jax.train.conditioning import ClipFeatures, encode_frames
 from svd_jax.train.data import VideoClips, fit_frame, to_minus1_1
 
@@ -71,7 +72,7 @@ def build_cache(clips: VideoClips, vae, image_encoder, cache_dir, model_id: str,
     cache_dir = Path(cache_dir)
     fingerprint = _fingerprint(clips, model_id)
     index = cache_dir / INDEX_FILE
-    if index.is_file() and json.loads(index.read_text()) == fingerprint:
+    if _read_index(index) == fingerprint:
         return cache_dir  # every process sees the same: the index is rewritten only after all have looked
     cache_dir.mkdir(parents=True, exist_ok=True)
     first, count = jax.process_index(), jax.process_count()
@@ -83,9 +84,19 @@ def build_cache(clips: VideoClips, vae, image_encoder, cache_dir, model_id: str,
         _encode_video(entry, clips, encoders, cache_dir / f"{i:06d}", chunk)
     processes.wait_for_all(f"svd_jax.train.cache {cache_dir.absolute()}: encoded")
     if first == 0:
-        index.write_text(json.dumps(fingerprint))
+        scratch = scratch_path(index)  # the index marks the cache complete: written whole or not at all
+        scratch.write_text(json.dumps(fingerprint))
+        os.replace(scratch, index)
     processes.wait_for_all(f"svd_jax.train.cache {cache_dir.absolute()}: indexed")
     return cache_dir
+
+
+def _read_index(index: Path) -> dict | None:
+    """The cache's fingerprint, or None when there is none or it is unreadable (then the cache is rebuilt)."""
+    try:
+        return json.loads(index.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 class CachedClips:
@@ -95,7 +106,7 @@ class CachedClips:
         self.clips = clips
         self.cache_dir = Path(cache_dir)
         index = self.cache_dir / INDEX_FILE
-        if not index.is_file() or json.loads(index.read_text()) != _fingerprint(clips, model_id):
+        if _read_index(index) != _fingerprint(clips, model_id):
             raise ValueError(f"{self.cache_dir} is not an up-to-date latent cache for this data and model "
                              "(build it with build_cache)")
         self._arrays: dict[int, dict[str, np.ndarray]] = {}

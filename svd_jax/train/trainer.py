@@ -24,7 +24,9 @@ from __future__ import annotations
 import csv
 import dataclasses
 import functools
+import io
 import json
+import os
 import time
 import warnings
 from pathlib import Path
@@ -38,7 +40,7 @@ from jax.sharding import Mesh
 from svd_jax import lora
 from svd_jax.loader import SVDModels, load
 from svd_jax.policy import Policy
-from svd_jax.store import remove_stale_scratch
+from svd_jax.store import remove_stale_scratch, scratch_path
 from svd_jax.train.cache import CachedClips, build_cache
 from svd_jax.train.checkpoints import Checkpoints, save_models
 from svd_jax.train.conditioning import ClipFeatures, encode_clips
@@ -59,7 +61,8 @@ def _encode_clips(vae_graph, vae_state, encoder_graph, encoder_state, frames, fp
 
 
 class LossLog:
-    """``losses.csv``, appended step by step; ``truncate(step)`` drops the rows after ``step``. With
+    """``losses.csv``, appended step by step; ``truncate(step)`` drops the rows after ``step`` (rewriting the file
+    atomically). A last line without its newline, what a run killed while appending leaves, is not a row. With
     ``writer=False`` (every process but the first of several) it reads but never writes."""
 
     def __init__(self, path: Path, writer: bool = True):
@@ -69,23 +72,31 @@ class LossLog:
     def truncate(self, step: int) -> None:
         if not self.writer:
             return
-        rows = self.read()
-        self._write([r for r in rows if r["step"] <= step], "w")
+        rows = [r for r in self.read() if r["step"] <= step]
+        scratch = scratch_path(self.path)
+        try:
+            self._write(rows, scratch, "w")
+            os.replace(scratch, self.path)
+        finally:
+            scratch.unlink(missing_ok=True)
 
     def read(self) -> list[dict[str, float]]:
         if not self.path.is_file():
             return []
-        with self.path.open(newline="") as f:
-            return [{k: (int(v) if k == "step" else float(v)) for k, v in row.items()} for row in csv.DictReader(f)]
+        text = self.path.read_text()
+        complete = text[:text.rfind("\n") + 1]
+        return [{k: (int(v) if k == "step" else float(v)) for k, v in row.items()}
+                for row in csv.DictReader(io.StringIO(complete, newline=""))]
 
     def append(self, rows: list[dict[str, float]]) -> None:
         if self.writer:
-            self._write(rows, "a")
+            self._write(rows, self.path, "a")
 
-    def _write(self, rows, mode: str) -> None:
-        new = mode == "w" or not self.path.is_file()
-        with self.path.open(mode, newline="") as f:
-            writer = csv.DictWriter(f, LOSS_COLUMNS)
+    @staticmethod
+    def _write(rows, path: Path, mode: str) -> None:
+        new = mode == "w" or not path.is_file()
+        with path.open(mode, newline="") as f:
+            writer = csv.DictWriter(f, LOSS_COLUMNS, lineterminator="\n")
             if new:
                 writer.writeheader()
             writer.writerows(rows)
