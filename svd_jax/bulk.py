@@ -119,6 +119,8 @@ def read_jobs(source, *, seed: int = 0, suffix: str = ".mp4") -> list[Job]:
         if not source.is_file():
             raise FileNotFoundError(f"jobs file {str(source)!r} does not exist")
         rows, base = _rows(source), source.parent
+        if not rows:
+            raise ValueError(f"jobs file {str(source)!r} holds no jobs")
     else:
         raise ValueError(f"jobs must be a folder of images or a .jsonl or .csv file, got {str(source)!r}")
     jobs, outputs = [], {}

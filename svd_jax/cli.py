@@ -104,6 +104,10 @@ def _clean(args: argparse.Namespace) -> int:
     from svd_jax.train.checkpoints import IN_USE, remove_stale_temporaries
 
     converted = cache_dir() / "converted"
+    missing = [f for f in args.folders if not Path(f).is_dir()]
+    if missing:
+        print(f"error: {missing[0]}: no such folder", file=sys.stderr)
+        return EXIT_USAGE
     folders = [Path(f) for f in args.folders] or [Path.cwd(), converted, converted / ".sha256"]
     removed = [path for folder in folders for path in remove_stale_scratch(folder)]
     # a training run's checkpoint folder (FOLDER/checkpoints for its output folder): orbax's unfinished saves

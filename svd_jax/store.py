@@ -153,6 +153,8 @@ def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
 
 def read_manifest(path: Path) -> dict[str, Any]:
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{path} is a file, not a converted svd_jax folder")
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such folder")
     if not (path / MANIFEST).is_file():

@@ -251,7 +251,10 @@ def read_video(path) -> np.ndarray:
     except ValueError:
         raise
     except Exception as e:  # PIL, imageio and ffmpeg raise many types for unreadable files
-        raise ValueError(f"{path}: cannot read the video ({type(e).__name__}: {e})") from None
+        # imageio's message carries ffmpeg's whole log: its first line and ffmpeg's last say what went wrong
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [""]
+        reason = lines[0] if len(lines) == 1 else f"{lines[0]}: {lines[-1]}"
+        raise ValueError(f"{path}: cannot read the video ({type(e).__name__}: {reason})") from None
     if not frames or any(f.shape != frames[0].shape for f in frames):
         raise ValueError(f"{path}: no frames, or frames of different sizes")
     return np.stack(frames).astype(np.uint8)

@@ -144,3 +144,26 @@ def test_out_of_memory_names_the_stage(models, monkeypatch, tmp_path, capsys, wh
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith(f"error: {stage}"), err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.png"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["extend", "{tmp}/empty.mp4", "-o", "{tmp}/out.mp4", "--frames", "2", "--model", "tiny"],
+     "{tmp}/empty.mp4: cannot read the video (OSError: Could not load meta information: "),  # + ffmpeg's last line
+    (["batch", "{tmp}/jobs.jsonl", "-o", "{tmp}/videos", "--model", "tiny"],
+     "jobs file '{tmp}/jobs.jsonl' holds no jobs"),
+    (["info", "{tmp}/in.png"], "{tmp}/in.png is a file, not a converted svd_jax folder"),
+    (["clean", "{tmp}/missing"], "{tmp}/missing: no such folder"),
+], ids=["unreadable-video", "no-jobs", "info-on-a-file", "clean-missing-folder"])
+def test_cli_input_errors_are_one_line(tmp_path, capsys, argv, message):
+    """Found by trying broken inputs: an unreadable video was reported with ffmpeg's whole log, an empty jobs
+    file ran nothing with exit 0, `info` on a file said "no such folder", `clean` of a missing folder exit 0."""
+    from PIL import Image
+
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "in.png")
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    (tmp_path / "jobs.jsonl").write_text("")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert cli([a.format(tmp=tmp_path) for a in argv]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {message.format(tmp=tmp_path)}"), lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
