@@ -1,6 +1,8 @@
 """``svd-jax train`` over 2 real processes (localhost coordinator, CPU collectives, 2 simulated devices each, one
-4-device mesh): the losses equal one process's on the same global batches, and a run restored from its
-checkpoint by a new pair of processes continues exactly as the uninterrupted one."""
+4-device mesh, parameters and optimizer state split across all 4 devices): the losses equal one process's on the
+same global batches, the checkpoint the processes saved together holds the whole state and the export gathered
+exactly it, and a run restored from its checkpoint by a new pair of processes continues exactly as the
+uninterrupted one."""
 
 import json
 import os
@@ -9,16 +11,22 @@ import socket
 import subprocess
 import sys
 
+import numpy as np
+from flax import nnx
+
+import svd_jax
 from parity import REPO
+from svd_jax.checkpoint import path_key
+from svd_jax.train.checkpoints import Checkpoints
 from svd_jax.train.config import config_from_dict
 from svd_jax.train.trainer import LossLog, Trainer
 from train_helpers import write_base_model, write_frame_folders
 
 STEPS = 4
 # One process on one device and 2 processes on a 4-device mesh sum the batch's losses and gradients in different
-# orders, so the losses agree to float32 rounding, not bit for bit: measured 2.9e-7 relative at most over these
-# steps (about 2 ulps; steps 2-4 differ, step 1 is equal). The bound is 8 ulps: the rounding of one step carries
-# into the next through the parameters.
+# orders, so the losses agree to float32 rounding, not bit for bit: measured 3.9e-7 relative at most over these
+# steps (about 3 ulps; 1.9e-7 without the latent cache, 2.9e-7 with replicated parameters). The bound is 8 ulps:
+# the rounding of one step carries into the next through the parameters.
 LOSS_RTOL = 1e-6
 
 
@@ -29,9 +37,14 @@ def _free_port() -> int:
 
 
 def _values(base, data, out):
+    # shard_params: FSDP over the mesh (a single device ignores it), so each process holds and saves only parts of
+    # the larger parameters and their Adam moments, and the export gathers them. The latent cache is built by the
+    # first pair (each process encoding half of the videos) and read by the later runs.
     return {"model": str(base), "output_dir": str(out), "steps": STEPS, "batch_size": 4, "seed": 5,
-            "compute_dtype": "float32", "remat": False, "checkpoint_every": 2, "keep_checkpoints": 3, "log_every": 1,
-            "data": {"path": str(data), "num_frames": 3, "height": 32, "width": 32},
+            "compute_dtype": "float32", "remat": False, "shard_params": True, "shard_min_size": 1024,
+            "checkpoint_every": 2, "keep_checkpoints": 3, "log_every": 1,
+            "data": {"path": str(data), "num_frames": 3, "height": 32, "width": 32,
+                     "cache_dir": str(data.parent / "cache")},
             "optimizer": {"learning_rate": 1e-3, "warmup_steps": 0}}
 
 
@@ -60,15 +73,26 @@ def test_two_processes_train_as_one_and_resume_exactly(tmp_path):
 
     out, _ = _train_two_processes(config_file)[0]
     assert "on 4 device(s) of 2 processes" in out
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["000000", "000001", "000002", "000003",
+                                                                      "000004", "000005", "index.json"]
     two = LossLog(tmp_path / "two" / "losses.csv").read()
     assert [r["step"] for r in two] == list(range(1, STEPS + 1))
     assert (tmp_path / "two" / "model" / "manifest.json").is_file()
 
-    one = Trainer(config_from_dict({**values, "output_dir": str(tmp_path / "one")}), progress=False).run()
+    single = Trainer(config_from_dict({**values, "output_dir": str(tmp_path / "one")}), progress=False)
+    one = single.run()
     errors = [abs(a["loss"] - b["loss"]) / abs(b["loss"]) for a, b in zip(two, one)]
     print(f"losses, 2 processes: {[r['loss'] for r in two]}; 1 process: {[r['loss'] for r in one]}; "
           f"largest relative difference {max(errors):.2e}")
     assert max(errors) <= LOSS_RTOL
+    # the step-4 checkpoint, restored here onto one device, is the whole state; the export is its parameters
+    saved = Checkpoints(tmp_path / "two" / "checkpoints", keep=3)
+    state, _, meta = saved.restore(STEPS, single.state, single.frozen)
+    saved.close()
+    exported = _unet_params(tmp_path / "two" / "model")
+    assert meta["data_position"] == STEPS * 4 and int(state.step) == STEPS
+    assert set(exported) == set(state.params)
+    assert all(np.array_equal(exported[k], np.asarray(v)) for k, v in state.params.items())
 
     # a new pair of processes restores the step-2 checkpoint (its step-4 one removed) and continues exactly
     shutil.copytree(tmp_path / "two", tmp_path / "resumed")
@@ -77,3 +101,10 @@ def test_two_processes_train_as_one_and_resume_exactly(tmp_path):
     out, _ = _train_two_processes(config_file)[0]
     assert "resuming at step 2" in out
     assert LossLog(tmp_path / "resumed" / "losses.csv").read() == two
+    resumed = _unet_params(tmp_path / "resumed" / "model")
+    assert all(np.array_equal(resumed[k], exported[k]) for k in exported)
+
+
+def _unet_params(folder) -> dict:
+    unet = svd_jax.load(folder, policy=svd_jax.Policy.float32(), components=["unet"]).unet
+    return {path_key(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.split(unet, nnx.Param)[1])}
