@@ -45,8 +45,11 @@ READABLE_VERSIONS = ("1", "2")
 # ---- writing a folder atomically --------------------------------------------------------------------------
 
 # ``.NAME.partial-HOST-PID`` or ``.NAME.old-HOST-PID``, with the destination's extension after it for a file
-# whose writer picks the format by it (``.clip.mp4.partial-HOST-PID.mp4``); names without HOST are older ones.
-_SCRATCH = re.compile(r"^\..+\.(?:partial|old)-(?:(?P<host>.+)-)?(?P<pid>\d+)(?:\.[A-Za-z][A-Za-z0-9]*)?$")
+# whose writer picks the format by it (``.clip.mp4.partial-HOST-PID.mp4``); ``.NAME.partial-PID`` is what older
+# versions wrote. Only these are ever removed: a user's own hidden file (``.notes.old-2024.txt``) never matches
+# unless it names this host.
+_SCRATCH = re.compile(r"^\..+\.(?:(?:partial|old)-(?P<host>.+)-(?P<pid>\d+)(?:\.[A-Za-z][A-Za-z0-9]*)?"
+                      r"|partial-(?P<old_pid>\d+))$")
 
 
 def scratch_path(destination: Path, role: str = "partial", keep_suffix: bool = False) -> Path:
@@ -74,7 +77,8 @@ def remove_stale_scratch(folder: Path) -> list[Path]:
     removed = []
     for entry in Path(folder).iterdir() if Path(folder).is_dir() else []:
         match = _SCRATCH.match(entry.name) if entry.name.startswith(".") else None
-        if not match or (match["host"] or socket.gethostname()) != socket.gethostname() or _alive(int(match["pid"])):
+        if (not match or (match["host"] or socket.gethostname()) != socket.gethostname()
+                or _alive(int(match["pid"] or match["old_pid"]))):
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)

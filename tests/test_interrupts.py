@@ -237,7 +237,8 @@ def test_clean_removes_only_leftovers_of_stopped_processes(tmp_path, capsys):
         (path / "data").write_text("x")
     stale_files = [tmp_path / f".clip.mp4.partial-{host}-{dead.pid}.mp4",  # a video and its settings file
                    tmp_path / f".clip.mp4.json.partial-{host}-{dead.pid}"]
-    live_files = [tmp_path / f".clip.gif.partial-{host}-{os.getpid()}.gif", tmp_path / "clip.mp4.partial-1.mp4"]
+    live_files = [tmp_path / f".clip.gif.partial-{host}-{os.getpid()}.gif", tmp_path / "clip.mp4.partial-1.mp4",
+                  tmp_path / f".notes.old-{dead.pid}.txt", tmp_path / f".report.partial-{dead.pid}.txt"]  # a user's
     for path in stale_files + live_files:
         path.write_text("x")
     assert main(["clean", str(tmp_path)]) == 0
