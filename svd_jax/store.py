@@ -206,7 +206,8 @@ def verify_component(path: Path, manifest: dict[str, Any], component: str) -> No
         raise ValueError(f"{path / MANIFEST}: records no checksum for {component}")
     if component_sha256(path / component) != recorded:
         raise ValueError(f"{path / component}: its files differ from the checksum recorded when it was written "
-                         "(corrupted or edited); convert the source again, or pass verify=False to load anyway")
+                         "(corrupted or edited); convert the source again (svd_jax.load(..., verify=False) skips "
+                         "this check)")
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:

@@ -144,5 +144,6 @@ def test_export_refuses_a_damaged_folder(copy, tmp_path, capsys):
     assert convert_main(["--to-diffusers", str(copy), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert err == (f"error: {copy / 'image_encoder'}: its files differ from the checksum recorded when it was "
-                   "written (corrupted or edited); convert the source again, or pass verify=False to load anyway")
+                   "written (corrupted or edited); convert the source again (svd_jax.load(..., verify=False) "
+                   "skips this check)")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["copy"]
