@@ -57,7 +57,12 @@ def test_bad_plan_options_are_refused(tmp_path, capsys):
     _, path = _write_config(tmp_path, "tiny", tmp_path)
     for argv, needle in [(["--plan", "--budget", "lots"], "--budget 'lots'"),
                          (["--plan", "--remat", "auto"], "give one"),
-                         (["--budget", "80GiB"], "only with --plan")]:
+                         (["--budget", "80GiB"], "only with --plan"),
+                         (["--plan", "--distributed"], "without --coordinator or --distributed"),
+                         (["--single-device", "--distributed"], "--single-device trains in one process"),
+                         (["--coordinator", "localhost:1"], "go together"),
+                         (["--coordinator", "localhost:1", "--num-processes", "2", "--process-id", "2"],
+                          "--process-id must be in [0, 2)")]:
         assert main(["train", str(path), *argv]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and len(err.splitlines()) == 1 and needle in err, err

@@ -99,6 +99,10 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.plan and (args.coordinator is not None or args.distributed):
+        print("error: --plan compiles in this process alone; start it without --coordinator or --distributed",
+              file=sys.stderr)
+        return EXIT_USAGE
     if args.plan:
         return _plan(args)
     if any(getattr(args, k) not in (None, False, "local") for k in ("target", "devices", "budget", "remat", "json")):
