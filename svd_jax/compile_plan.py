@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
+from jax.sharding import Mesh
 
 from svd_jax import sharding
 from svd_jax.components import abstract_model
@@ -162,7 +162,9 @@ ATTENTION_KERNELS = {"tpu_custom_call": "pallas", "__cudnn$fmha": "cudnn"}
 
 @dataclasses.dataclass
 class ProgramReport:
-    """One compiled program, per device: XLA's memory and cost analyses, and the attention kernels in it."""
+    """One compiled program, per device: XLA's memory and cost analyses, and the attention kernels in it.
+    ``refused``: the TPU compiler would not build it because its temporaries exceed the chip's memory;
+    ``temp_bytes`` is then what it asked for, and the other sizes are unknown (0)."""
 
     name: str
     devices: int
@@ -174,6 +176,13 @@ class ProgramReport:
     flops: float
     bytes_accessed: float
     kernels: dict[str, int]
+    refused: bool = False
+
+    def fits(self, memory_bytes: int | None) -> bool | None:
+        """Whether the program fits a device of ``memory_bytes`` (None: unknown)."""
+        if memory_bytes is None:
+            return None
+        return not self.refused and self.peak_bytes <= memory_bytes
 
     @property
     def peak_bytes(self) -> int:
@@ -194,7 +203,8 @@ def program_report(name: str, lowered, devices: int, compiler_options: dict | No
             raise
         cost = _cost_dict(lowered.cost_analysis())
         return ProgramReport(name, devices, 0, 0, int(float(needed.group(1)) * GiB), 0, 0,
-                             float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0)), kernels)
+                             float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0)), kernels,
+                             refused=True)
     memory = compiled.memory_analysis()
     cost = _cost_dict(compiled.cost_analysis())
     return ProgramReport(name, devices, memory.argument_size_in_bytes, memory.output_size_in_bytes,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -59,7 +60,7 @@ class GenerationPlan:
         if self.memory_bytes is None:
             return None
         programs = [self.step] + ([self.decode] if self.decode else [])
-        return all(p.peak_bytes <= self.memory_bytes for p in programs)
+        return all(p.fits(self.memory_bytes) for p in programs)
 
     @property
     def step_seconds_at_peak(self) -> float | None:
@@ -112,6 +113,25 @@ def _decode_program(target: Target, models, *, chunk, height, width, options):
     return compile_plan.program_report(f"VAE decode x{chunk}", lowered, 1, options)
 
 
+def _fitting_decode(target: Target, models, whole: ProgramReport, chunk: int, *, height, width, options):
+    """``(chunk, report)``: a decode chunk below ``chunk`` that compiles within the chip's memory, or 1 frame.
+
+    The memory a chunk needs is not proportional to its frames (the TPU compiler needs 22.7 GiB for 25 frames
+    of SVD-XT at 576x1024 but 17.1 GiB for 17): each try takes the line through the last two chunks' needs (the
+    first through the fixed arguments and code) to the chip's memory, until one compiles and fits."""
+    limit = target.chip.memory_bytes
+    fixed = whole.peak_bytes - whole.temp_bytes - whole.output_bytes
+    tried = [(0, fixed), (chunk, whole.peak_bytes)]
+    report = whole
+    while chunk > 1 and not report.fits(limit):
+        (c0, need0), (c1, need1) = tried[-2:]
+        per_frame = max(1.0, (need1 - need0) / (c1 - c0))
+        chunk = max(1, min(c1 - 1, c1 - math.ceil((need1 - limit) / per_frame)))
+        report = _decode_program(target, models, chunk=chunk, height=height, width=width, options=options)
+        tried.append((chunk, report.peak_bytes))
+    return chunk, report
+
+
 def plan_generation(target: Target, *, model: str = "svd_xt", policy: str = "bfloat16", batch: int = 1,
                     num_frames: int | None = None, height: int = 576, width: int = 1024, guided: bool = True,
                     shard_params: bool = False, decode_chunk_size: int | None = None,
@@ -119,7 +139,7 @@ def plan_generation(target: Target, *, model: str = "svd_xt", policy: str = "bfl
     """Compile a generation's step (and decode) for ``target`` and report them (see the module's docstring).
 
     Without ``decode_chunk_size`` the decode is compiled for all frames at once, as :func:`svd_jax.generate`
-    decodes by default; when that does not fit, for the largest chunk that should, which the notes name.
+    decodes by default; when that does not fit, for smaller chunks until one does, which the notes name.
     ``compiler_options`` go to XLA (``{"exec_time_optimization_effort": -1.0}`` compiles faster)."""
     if policy not in compile_plan.POLICIES:
         raise ValueError(f"--policy {policy!r}: expected one of {', '.join(compile_plan.POLICIES)}")
@@ -142,17 +162,14 @@ def plan_generation(target: Target, *, model: str = "svd_xt", policy: str = "bfl
     decoded = None
     if decode:
         decoded = _decode_program(target, models, chunk=chunk, height=height, width=width, options=compiler_options)
-        limit = target.chip.memory_bytes
-        if limit is not None and decoded.peak_bytes > limit and chunk > 1 and decode_chunk_size is None:
-            # the default (all frames at once) does not fit: the largest chunk that should, from the per-frame cost
+        if decoded.fits(target.chip.memory_bytes) is False and chunk > 1 and decode_chunk_size is None:
             whole = decoded
-            per_frame = max(1, (whole.temp_bytes + whole.output_bytes) // chunk)
-            chunk = max(1, min(chunk - 1, (limit - (whole.peak_bytes - whole.temp_bytes - whole.output_bytes))
-                               // per_frame))
-            decoded = _decode_program(target, models, chunk=chunk, height=height, width=width,
-                                      options=compiler_options)
+            chunk, decoded = _fitting_decode(target, models, whole, chunk, height=height, width=width,
+                                             options=compiler_options)
+            advice = (f"pass decode_chunk_size={chunk} (--decode-chunk-size {chunk})" if decoded.fits(
+                target.chip.memory_bytes) else "not even one frame fits")
             notes.append(f"decoding all {num_frames} frames at once needs {_gib(whole.peak_bytes)} per device: "
-                         f"pass decode_chunk_size={chunk} (--decode-chunk-size {chunk})")
+                         + advice)
     return GenerationPlan(target.name, target.chip.name, target.chip.memory_bytes, target.chip.peak_bf16_flops,
                           len(target.devices), mesh.size, model, policy, batch, num_frames, height, width, guided,
                           rows, shard_params, param_bytes, step, decoded, chunk, notes)
@@ -182,6 +199,7 @@ def format_plan(plan: GenerationPlan) -> str:
     ]
     for p in [plan.step] + ([plan.decode] if plan.decode else []):
         kernels = ", ".join(f"{k} x{n}" for k, n in p.kernels.items()) or "xla"
+        kernels += "  (refused by the compiler: temporaries exceed the chip)" if p.refused else ""
         lines.append(f"{p.name:<16}{p.devices:>8}{_gib(p.argument_bytes):>12}{_gib(p.temp_bytes):>13}"
                      f"{_gib(p.output_bytes):>11}{_gib(p.peak_bytes):>11}{p.flops / 1e12:>14.2f}  {kernels}")
     lines.append("")
@@ -201,13 +219,13 @@ def format_plan(plan: GenerationPlan) -> str:
 
 def _advice(plan: GenerationPlan) -> str:
     tips = []
-    if plan.step.peak_bytes > (plan.memory_bytes or 0):
+    if plan.step.fits(plan.memory_bytes) is False:
         if plan.mesh_devices < plan.rows and plan.target_devices > plan.mesh_devices:
             tips.append("more devices to split the rows (guidance halves on two chips: a target with >= 2 chips)")
         if not plan.shard_params and plan.mesh_devices > 1:
             tips.append("--shard-params (FSDP: each device holds 1/N of the parameters)")
         tips.append("fewer frames or a smaller size")
-    if plan.decode and plan.decode.peak_bytes > (plan.memory_bytes or 0):
+    if plan.decode and plan.decode.fits(plan.memory_bytes) is False:
         tips.append(f"a --decode-chunk-size below {plan.decode_chunk_size}")
     return "; ".join(tips)
 

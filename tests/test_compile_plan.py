@@ -1,11 +1,12 @@
 """`svd-jax compile`: the generation's programs compiled for a target without running them (a TPU slice
 described by libtpu on this CPU-only machine, and the local CPU), with their memory, FLOPs and attention kernel."""
 
+import dataclasses
 import json
 
 import pytest
 
-from svd_jax import cli, compile_plan
+from svd_jax import cli, compile_plan, generation_plan
 
 
 def run_compile(tmp_path, capsys, *args):
@@ -50,3 +51,17 @@ def test_bad_arguments_are_one_line(tmp_path, capsys):
     assert cli.main(["compile", "--target", "cpu", "--model", "tiny", "--height", "62"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --height"), err
+
+
+def test_a_decode_that_does_not_fit_falls_back_to_a_chunk_that_does():
+    cpu = compile_plan.resolve_target("cpu")
+    size = dict(model="tiny", num_frames=4, height=64, width=96)
+    models = compile_plan.abstract_models("tiny", compile_plan.POLICIES["bfloat16"]())
+    two = generation_plan._decode_program(cpu, models, chunk=2, height=64, width=96, options=None)
+    # a device that holds the 2-frame decode but not the 4-frame one the plan tries first
+    small = dataclasses.replace(cpu, chip=compile_plan.Chip("small", two.peak_bytes, None))
+    plan = generation_plan.plan_generation(small, **size)
+    assert 1 <= plan.decode_chunk_size < 4 and plan.decode.fits(two.peak_bytes), plan.decode
+    assert plan.notes and f"decode_chunk_size={plan.decode_chunk_size}" in plan.notes[-1]
+    refused = dataclasses.replace(two, refused=True)  # what the TPU compiler would not build never fits
+    assert refused.fits(10 * two.peak_bytes) is False and refused.fits(None) is None
