@@ -26,13 +26,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _process_env(devices: int) -> dict:
+    """The environment of a process of a local multi-process run: CPU, ``devices`` simulated devices."""
+    return {**os.environ, "JAX_PLATFORMS": "cpu",
+            "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}"}
+
+
 def _start(jobs, out, port):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"}
     return [subprocess.Popen([sys.executable, "-m", "svd_jax.cli", "batch", str(jobs), "-o", str(out), "--model",
                               "tiny", "--suffix", "", "--seed", "3", "--batch-size", "1", "--coordinator",
                               f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
-                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             cwd=REPO, env=_process_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             for i in range(2)]
 
 

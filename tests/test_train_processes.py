@@ -5,9 +5,7 @@ exactly it, and a run restored from its checkpoint by a new pair of processes co
 uninterrupted one."""
 
 import json
-import os
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -20,6 +18,7 @@ from svd_jax.checkpoint import path_key
 from svd_jax.train.checkpoints import Checkpoints
 from svd_jax.train.config import config_from_dict
 from svd_jax.train.trainer import LossLog, Trainer
+from test_batch_processes import _free_port, _process_env
 from train_helpers import write_base_model, write_frame_folders
 
 STEPS = 4
@@ -28,12 +27,6 @@ STEPS = 4
 # steps (about 3 ulps; 1.9e-7 without the latent cache, 2.9e-7 with replicated parameters). The bound is 8 ulps:
 # the rounding of one step carries into the next through the parameters.
 LOSS_RTOL = 1e-6
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _values(base, data, out):
@@ -49,12 +42,11 @@ def _values(base, data, out):
 
 
 def _train_two_processes(config_file):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"}
     port = _free_port()
     started = [subprocess.Popen([sys.executable, "-m", "svd_jax.cli", "train", str(config_file), "--no-progress",
                                  "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
-                                cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                cwd=REPO, env=_process_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
                for i in range(2)]
     try:
         results = [p.communicate(timeout=600) for p in started]
