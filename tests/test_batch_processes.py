@@ -18,6 +18,8 @@ from svd_jax.bulk import read_jobs
 from test_batch import _frames, assert_same_video
 
 NUM_JOBS = 6
+# smaller videos than the tiny model's default (64x96, 4 frames): most of this test is running the pipeline
+SIZE = ("--height", "32", "--width", "32", "--num-frames", "2")
 
 
 def _free_port() -> int:
@@ -34,7 +36,7 @@ def _process_env(devices: int) -> dict:
 
 def _start(jobs, out, port):
     return [subprocess.Popen([sys.executable, "-m", "svd_jax.cli", "batch", str(jobs), "-o", str(out), "--model",
-                              "tiny", "--suffix", "", "--seed", "3", "--batch-size", "1", "--coordinator",
+                              "tiny", *SIZE, "--suffix", "", "--seed", "3", "--batch-size", "1", "--coordinator",
                               f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
                              cwd=REPO, env=_process_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             for i in range(2)]
@@ -72,5 +74,6 @@ def test_two_processes_split_the_jobs_resume_and_match_one_process(tmp_path):
     models = svd_jax.load("tiny", policy=svd_jax.Policy.float32())
     for job in read_jobs(images, seed=3, suffix=""):
         if job.output != "9-broken":
-            alone = svd_jax.generate(job.image, models, seed=job.seed, output_type="uint8", progress=False)[0]
+            alone = svd_jax.generate(job.image, models, seed=job.seed, height=32, width=32, num_frames=2,
+                                     output_type="uint8", progress=False)[0]
             assert_same_video(_frames(out / job.output), alone)
