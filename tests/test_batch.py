@@ -19,6 +19,10 @@ def assert_same_video(frames, alone):
     assert frames.shape == alone.shape and difference.max() <= 1 and np.mean(difference > 0) < 1e-3
 
 
+# smaller videos than the tiny model's default (64x96, 4 frames): most of these tests is running the pipeline
+SMALL = dict(num_inference_steps=1, height=32, width=32, num_frames=2)
+
+
 def _frames(folder):
     return np.stack([np.asarray(PIL.Image.open(p)) for p in sorted(folder.glob("frame_*.png"))])
 
@@ -41,13 +45,13 @@ def images(tmp_path):
 def test_batch_equals_single_generate_resumes_and_fails_a_bad_image_alone(tmp_path, images, models):
     (images / "broken.png").write_bytes(b"not an image")
     out = tmp_path / "out"
-    summary = batch(images, models, out, seed=10, suffix="", batch_size=2, progress=False, num_inference_steps=1)
+    summary = batch(images, models, out, seed=10, suffix="", batch_size=2, progress=False, **SMALL)
     assert sorted(summary.done) == ["a", "b", "c"] and not summary.skipped
     assert list(summary.failed) == ["broken"] and "broken.png" in summary.failed["broken"]
     jobs = {job.output: job for job in read_jobs(images, seed=10, suffix="")}
     for name in ("a", "b", "c"):  # a, b generated together, c alone: each equals its job generated alone
-        alone = svd_jax.generate(jobs[name].image, models, seed=jobs[name].seed, num_inference_steps=1,
-                                 output_type="uint8", progress=False)[0]
+        alone = svd_jax.generate(jobs[name].image, models, seed=jobs[name].seed, output_type="uint8",
+                                 progress=False, **SMALL)[0]
         assert_same_video(_frames(out / name), alone)
         record = json.loads((out / f"{name}.json").read_text())
         assert record["seed"] == jobs[name].seed and record["num_inference_steps"] == 1
@@ -59,7 +63,7 @@ def test_batch_equals_single_generate_resumes_and_fails_a_bad_image_alone(tmp_pa
     original = bulk._generate_group
     bulk._generate_group = lambda *a: calls.append(a) or original(*a)
     try:
-        again = batch(images, models, out, seed=10, suffix="", progress=False, num_inference_steps=1)
+        again = batch(images, models, out, seed=10, suffix="", progress=False, **SMALL)
     finally:
         bulk._generate_group = original
     assert sorted(again.skipped) == ["a", "b", "c"] and not again.done and not calls
