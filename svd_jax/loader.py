@@ -7,7 +7,6 @@ import contextlib
 import dataclasses
 import fcntl
 import hashlib
-import json
 import os
 import re
 import sys
@@ -24,8 +23,7 @@ from svd_jax.components import COMPONENT_CONFIGS, abstract_model
 from svd_jax.configs import CLIPVisionConfig, UNetConfig, VAEConfig, config_from_dict
 from svd_jax.errors import stage
 from svd_jax.policy import Policy
-from svd_jax.store import (FORMAT_VERSION, MANIFEST, READABLE_VERSIONS, component_sha256, hash_file,  # noqa: F401
-                           read_config, read_manifest, scratch_path, verify_component)
+from svd_jax.store import MANIFEST, atomic_file, hash_file, read_config, read_manifest, verify_component
 
 TINY = "tiny"
 # What is fetched from a diffusers repo on the Hub: configs and the weights of the three components.
@@ -93,9 +91,8 @@ def _file_sha256(path: Path, memo: Path) -> str:
         return remembered.read_text().strip()
     digest = hash_file(path)
     memo.mkdir(parents=True, exist_ok=True)
-    partial = scratch_path(remembered)
-    partial.write_text(digest.hexdigest())
-    partial.replace(remembered)
+    with atomic_file(remembered) as partial:
+        partial.write_text(digest.hexdigest())
     return digest.hexdigest()
 
 

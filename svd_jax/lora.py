@@ -25,7 +25,6 @@ convention) load here.
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 from typing import NamedTuple, Sequence
@@ -36,7 +35,7 @@ import numpy as np
 from flax import nnx
 
 from svd_jax.checkpoint import path_key
-from svd_jax.store import scratch_path
+from svd_jax.store import atomic_file
 
 # Named target groups (a regular expression each, searched in the linear layer's dotted path). The spatial
 # transformer blocks are ``transformer_blocks``; the temporal ones ``temporal_transformer_blocks``.
@@ -245,12 +244,8 @@ def save_adapters(path, model, settings: dict | None = None, base: dict | None =
                 SETTINGS_KEY: json.dumps(settings or {}, sort_keys=True),
                 BASE_KEY: json.dumps(base or {}, sort_keys=True)}
     path = Path(path)
-    tmp = scratch_path(path)
-    try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_file(path) as scratch:
+        save_file(tensors, str(scratch), metadata=metadata)
     return path
 
 

@@ -126,6 +126,20 @@ def atomic_dir(destination, replace: bool = True, parents: bool = False) -> Iter
         raise
 
 
+@contextlib.contextmanager
+def atomic_file(destination, keep_suffix: bool = False) -> Iterator[Path]:
+    """``with atomic_file(dst) as scratch:`` write the file ``scratch`` (:func:`scratch_path`, ``keep_suffix`` as
+    there); when the block ends without an error it replaces ``dst`` in one rename, so a reader sees the old file
+    or the whole new one, and on any error or interrupt it is removed and ``dst`` is left as it was."""
+    destination = Path(destination)
+    scratch = scratch_path(destination, keep_suffix=keep_suffix)
+    try:
+        yield scratch
+        os.replace(scratch, destination)
+    finally:
+        scratch.unlink(missing_ok=True)
+
+
 # ---- writing the format --------------------------------------------------------------------------------------
 
 

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from svd_jax.errors import os_error_line
-from svd_jax.store import atomic_dir, remove_stale_scratch, scratch_path
+from svd_jax.store import atomic_dir, atomic_file, remove_stale_scratch, scratch_path
 
 __all__ = ["FILE_FORMATS", "check_destination", "check_format", "check_fps", "discard_partial", "frames_to_uint8", "open_video",
            "read_video", "save_video", "write_settings"]
@@ -150,13 +150,8 @@ def write_settings(path, settings: dict) -> Path:
     """Write ``settings`` (how a video was made: seed, model, sampler settings) as JSON next to the video
     ``path`` as ``<path>.json``, atomically. Returns the JSON file's path."""
     target = _settings_path(path)
-    temporary = scratch_path(target)
-    try:
+    with atomic_file(target) as temporary:
         temporary.write_text(json.dumps(settings, indent=2) + "\n")
-        os.replace(temporary, target)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
     return target
 
 
@@ -196,25 +191,21 @@ def save_video(frames, path: str | os.PathLike, fps: float = 7) -> Path:
     check_fps(fps)
     final, kind = check_destination(path)
     video = frames_to_uint8(frames)
-    temporary = scratch_path(final, keep_suffix=kind != "folder")
     try:
         if kind == "folder":  # an existing (empty, checked above) folder is replaced once the frames are written
             with atomic_dir(final) as folder:
                 _write_png_folder(video, folder)
         else:
             remove_stale_scratch(final.parent)  # what killed writers left here (atomic_dir does so for folders)
-            if kind == ".mp4":
-                _write_mp4(video, temporary, float(fps))
-            else:
-                _write_animated(video, temporary, float(fps), "GIF" if kind == ".gif" else "WEBP")
-            os.replace(temporary, final)
-    except BaseException as e:
-        if kind != "folder":
-            temporary.unlink(missing_ok=True)
-        if isinstance(e, (OSError, RuntimeError)):  # one line naming the file asked for, not the temporary one
-            line = os_error_line(e) if isinstance(e, OSError) else str(e)
-            raise type(e)(line.replace(str(temporary), str(final))) from e
-        raise
+            with atomic_file(final, keep_suffix=True) as temporary:
+                if kind == ".mp4":
+                    _write_mp4(video, temporary, float(fps))
+                else:
+                    _write_animated(video, temporary, float(fps), "GIF" if kind == ".gif" else "WEBP")
+    except (OSError, RuntimeError) as e:  # one line naming the file asked for, not the temporary one
+        line = os_error_line(e) if isinstance(e, OSError) else str(e)
+        written = scratch_path(final, keep_suffix=kind != "folder")
+        raise type(e)(line.replace(str(written), str(final))) from e
     return final
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from pathlib import Path
 
 import jax
@@ -20,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from svd_jax import processes
-from svd_jax.store import atomic_dir, scratch_path
+from svd_jax.store import atomic_dir, atomic_file
 from svd_jax.train.conditioning import ClipFeatures, encode_frames
 from svd_jax.train.data import VideoClips, fit_frame, to_minus1_1
 
@@ -84,9 +83,8 @@ def build_cache(clips: VideoClips, vae, image_encoder, cache_dir, model_id: str,
         _encode_video(entry, clips, encoders, cache_dir / f"{i:06d}", chunk)
     processes.wait_for_all(f"svd_jax.train.cache {cache_dir.absolute()}: encoded")
     if first == 0:
-        scratch = scratch_path(index)  # the index marks the cache complete: written whole or not at all
-        scratch.write_text(json.dumps(fingerprint))
-        os.replace(scratch, index)
+        with atomic_file(index) as scratch:  # the index marks the cache complete: written whole or not at all
+            scratch.write_text(json.dumps(fingerprint))
     processes.wait_for_all(f"svd_jax.train.cache {cache_dir.absolute()}: indexed")
     return cache_dir
 

@@ -26,7 +26,6 @@ import dataclasses
 import functools
 import io
 import json
-import os
 import time
 import warnings
 from pathlib import Path
@@ -40,7 +39,7 @@ from jax.sharding import Mesh
 from svd_jax import lora
 from svd_jax.loader import SVDModels, load
 from svd_jax.policy import Policy
-from svd_jax.store import remove_stale_scratch, scratch_path
+from svd_jax.store import atomic_file, remove_stale_scratch
 from svd_jax.train.cache import CachedClips, build_cache
 from svd_jax.train.checkpoints import Checkpoints, save_models
 from svd_jax.train.conditioning import ClipFeatures, encode_clips
@@ -73,12 +72,8 @@ class LossLog:
         if not self.writer:
             return
         rows = [r for r in self.read() if r["step"] <= step]
-        scratch = scratch_path(self.path)
-        try:
+        with atomic_file(self.path) as scratch:
             self._write(rows, scratch, "w")
-            os.replace(scratch, self.path)
-        finally:
-            scratch.unlink(missing_ok=True)
 
     def read(self) -> list[dict[str, float]]:
         if not self.path.is_file():
